@@ -1,0 +1,13 @@
+"""Block families, each a short declaration on the controllability spine (MATH.md M8).
+
+``spec_for(cfg)`` returns the :class:`~minipatch.blocks.base.BlockSpec` of ``cfg.family``.
+What gets patched follows from the declaration: M1 on every weight the inner part reads,
+and the outer part's witness (M2, a bias, M6a/b/c, or expert down-projections).
+"""
+from __future__ import annotations
+
+from .base import BlockSpec, attn_sublayer, block_forward, layer_patch, layer_shapes
+from .families import FAMILY_SPECS, spec_for
+
+__all__ = ["BlockSpec", "attn_sublayer", "block_forward", "layer_patch", "layer_shapes",
+           "spec_for", "FAMILY_SPECS"]

@@ -1,0 +1,269 @@
+"""A strict, dependency-free safetensors reader in numpy.
+
+File layout (https://github.com/huggingface/safetensors, "Format"):
+
+    [8 bytes]  N, the header length, unsigned 64-bit little-endian
+    [N bytes]  JSON object: name -> {"dtype", "shape", "data_offsets": [begin, end]},
+               plus an optional "__metadata__": {str: str}
+    [rest]     the byte buffer; offsets are relative to its start
+
+Policy (the same as the reference Rust implementation, ``safetensors::SafeTensors::validate``):
+
+- The header must be valid UTF-8 JSON whose top level is an object, at most 100 MB long, and
+  with no duplicate keys. Trailing spaces inside the N header bytes are allowed (JSON whitespace).
+- Every tensor entry has exactly the keys ``dtype``, ``shape`` and ``data_offsets``.
+- ``end - begin == prod(shape) * itemsize`` for every tensor.
+- **No overlaps, no holes, no trailing garbage**: sorted by offset, the tensors tile the buffer
+  exactly, from byte 0 to the last byte of the file. Bytes after the last tensor are rejected, as
+  are unused bytes between tensors (they are either corruption or data we would silently ignore).
+- BOOL bytes must be 0 or 1.
+
+Every violation raises :class:`minipatch.errors.ModelFileError`. The reader never unpickles
+anything: tensors are ``np.frombuffer`` views of a read-only memory map, copied before returning.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import mmap
+import os
+from pathlib import Path
+
+import numpy as np
+
+from minipatch.errors import ModelFileError
+
+__all__ = ["read_safetensors", "read_checkpoint_folder", "DTYPES", "MAX_HEADER_BYTES"]
+
+MAX_HEADER_BYTES = 100_000_000
+"""Largest accepted JSON header (the reference implementation's limit)."""
+
+DTYPES = {
+    "F64": np.dtype("<f8"),
+    "F32": np.dtype("<f4"),
+    "F16": np.dtype("<f2"),
+    "BF16": np.dtype("<u2"),  # raw bits; widened to float32 below
+    "I64": np.dtype("<i8"),
+    "I32": np.dtype("<i4"),
+    "I8": np.dtype("i1"),
+    "U8": np.dtype("u1"),
+    "BOOL": np.dtype("u1"),  # one byte per element, 0 or 1
+}
+"""safetensors dtype name -> numpy dtype of the stored bytes."""
+
+_ENTRY_KEYS = {"dtype", "shape", "data_offsets"}
+
+
+def _fail(path, msg):
+    raise ModelFileError(f"{path}: {msg}")
+
+
+def _reject_duplicates(pairs):
+    out = {}
+    for key, value in pairs:
+        if key in out:
+            raise ModelFileError(f"duplicate key {key!r} in JSON")
+        out[key] = value
+    return out
+
+
+def _is_int(x):
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _parse_header(path, raw: bytes) -> dict:
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ModelFileError(f"{path}: header is not valid UTF-8 ({e})") from e
+    try:
+        header = json.loads(text, object_pairs_hook=_reject_duplicates)
+    except ModelFileError as e:
+        raise ModelFileError(f"{path}: header: {e}") from e
+    except (ValueError, RecursionError) as e:  # JSONDecodeError is a ValueError
+        raise ModelFileError(f"{path}: header is not valid JSON ({e})") from e
+    if not isinstance(header, dict):
+        _fail(path, f"header must be a JSON object, got {type(header).__name__}")
+    return header
+
+
+def _validate_entries(path, header: dict, buffer_len: int) -> list:
+    """Check every entry; return [(name, dtype_name, shape, begin, end)] sorted by offset."""
+    meta = header.get("__metadata__")
+    if meta is not None and not (
+        isinstance(meta, dict) and all(isinstance(v, str) for v in meta.values())
+    ):
+        _fail(path, "__metadata__ must be an object mapping strings to strings")
+    entries = []
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        where = f"tensor {name!r}"
+        if not isinstance(info, dict):
+            _fail(path, f"{where}: entry must be an object, got {type(info).__name__}")
+        if set(info) != _ENTRY_KEYS:
+            _fail(path, f"{where}: entry keys must be {sorted(_ENTRY_KEYS)}, got {sorted(info)}")
+        dtype_name = info["dtype"]
+        if not isinstance(dtype_name, str) or dtype_name not in DTYPES:
+            _fail(path, f"{where}: unknown or unsupported dtype {dtype_name!r} "
+                        f"(supported: {', '.join(DTYPES)})")
+        shape = info["shape"]
+        if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
+            _fail(path, f"{where}: shape must be a list of non-negative ints, got {shape!r}")
+        offs = info["data_offsets"]
+        if not (isinstance(offs, list) and len(offs) == 2 and all(_is_int(o) for o in offs)):
+            _fail(path, f"{where}: data_offsets must be [begin, end] ints, got {offs!r}")
+        begin, end = offs
+        if not 0 <= begin <= end:
+            _fail(path, f"{where}: data_offsets {offs} must satisfy 0 <= begin <= end")
+        if end > buffer_len:
+            _fail(path, f"{where}: data_offsets {offs} run past the end of the "
+                        f"{buffer_len}-byte data buffer (file truncated?)")
+        nbytes = math.prod(shape) * DTYPES[dtype_name].itemsize
+        if end - begin != nbytes:
+            _fail(path, f"{where}: data_offsets {offs} span {end - begin} bytes but "
+                        f"shape {shape} of {dtype_name} needs {nbytes}")
+        entries.append((name, dtype_name, tuple(shape), begin, end))
+
+    entries.sort(key=lambda e: (e[3], e[4]))
+    pos, prev = 0, None
+    for name, _, _, begin, end in entries:
+        if begin < pos:
+            _fail(path, f"tensor {name!r} at [{begin}, {end}) overlaps tensor {prev!r} "
+                        f"ending at {pos}")
+        if begin > pos:
+            _fail(path, f"unused bytes [{pos}, {begin}) before tensor {name!r} "
+                        "(holes in the data buffer are not allowed)")
+        pos, prev = end, name
+    if pos != buffer_len:
+        _fail(path, f"{buffer_len - pos} trailing bytes after the last tensor "
+                    "(trailing garbage is not allowed)")
+    return entries
+
+
+def _decode(mm, start: int, dtype_name: str, shape: tuple, dtype, path, name) -> np.ndarray:
+    stored = DTYPES[dtype_name]
+    count = math.prod(shape)
+    if count == 0:
+        raw = np.empty(0, dtype=stored)
+    else:
+        # Copy at once so that no view of the memory map outlives this line.
+        raw = np.frombuffer(mm, dtype=stored, count=count, offset=start).copy()
+    if dtype_name == "BF16":
+        arr = (raw.astype(np.uint32) << 16).view(np.float32)
+    elif dtype_name == "BOOL":
+        if count and raw.max() > 1:
+            _fail(path, f"tensor {name!r}: BOOL bytes must be 0 or 1")
+        arr = raw.astype(np.bool_)
+    else:
+        arr = raw.astype(stored.newbyteorder("="), copy=False)
+    arr = arr.reshape(shape)
+    if dtype is not None and np.issubdtype(arr.dtype, np.floating):
+        arr = arr.astype(dtype, copy=False)
+    return arr
+
+
+def read_safetensors(path, dtype=None) -> dict[str, np.ndarray]:
+    """Read every tensor of a ``.safetensors`` file into fresh numpy arrays.
+
+    Args:
+      path: the file.
+      dtype: if given, floating-point tensors (F64, F32, F16, BF16) are converted to it;
+        integer and BOOL tensors keep their own dtype. BF16 is widened exactly to float32
+        (bits shifted left by 16) before any conversion.
+    Returns:
+      dict name -> array (native byte order, C-contiguous, owning its memory), in file order.
+    Raises:
+      ModelFileError: for any malformed, truncated, inconsistent or unsupported file.
+    """
+    path = os.fspath(path)
+    target = None if dtype is None else np.dtype(dtype)
+    try:
+        f = open(path, "rb")
+    except OSError as e:
+        raise ModelFileError(f"{path}: cannot open ({e.strerror or e})") from e
+    with f:
+        size = os.fstat(f.fileno()).st_size
+        if size < 8:
+            _fail(path, f"file has {size} bytes, shorter than the 8-byte header length")
+        n = int.from_bytes(f.read(8), "little", signed=False)
+        if n > MAX_HEADER_BYTES:
+            _fail(path, f"header length {n} exceeds the {MAX_HEADER_BYTES}-byte limit")
+        if 8 + n > size:
+            _fail(path, f"header length {n} runs past the end of the {size}-byte file")
+        header = _parse_header(path, f.read(n))
+        data_start = 8 + n
+        entries = _validate_entries(path, header, size - data_start)
+        if not entries:
+            return {}
+        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        try:
+            out = {
+                name: _decode(mm, data_start + begin, dt, shape, target, path, name)
+                for name, dt, shape, begin, _ in entries
+            }
+        finally:
+            mm.close()
+    # Return in header order, which is how writers list them.
+    return {name: out[name] for name in header if name != "__metadata__"}
+
+
+def read_checkpoint_folder(path, dtype=None) -> tuple[dict, dict[str, np.ndarray]]:
+    """Read a Hugging Face checkpoint folder: ``config.json`` and every ``*.safetensors`` file.
+
+    Shards are read in sorted file-name order. A tensor name that appears in two shards is
+    rejected. If ``model.safetensors.index.json`` is present, its ``weight_map`` must name exactly
+    the tensors found, each in the shard that holds it.
+
+    Returns:
+      (config dict, dict name -> array); ``dtype`` as in :func:`read_safetensors`.
+    Raises:
+      ModelFileError: missing folder / config.json / weights, bad JSON, duplicates, bad shards.
+    """
+    folder = Path(path)
+    if not folder.is_dir():
+        _fail(folder, "not a checkpoint folder (no such directory)")
+    config = _read_json(folder / "config.json", what="config.json")
+    shards = sorted(p for p in folder.glob("*.safetensors") if p.is_file())
+    if not shards:
+        _fail(folder, "no *.safetensors file in the checkpoint folder")
+    tensors, owner = {}, {}
+    for shard in shards:
+        for name, arr in read_safetensors(shard, dtype=dtype).items():
+            if name in tensors:
+                _fail(folder, f"tensor {name!r} appears in both {owner[name]} and {shard.name}")
+            tensors[name], owner[name] = arr, shard.name
+    index_path = folder / "model.safetensors.index.json"
+    if index_path.exists():
+        index = _read_json(index_path, what="safetensors index")
+        wmap = index.get("weight_map")
+        if not isinstance(wmap, dict):
+            _fail(index_path, "missing or invalid 'weight_map' object")
+        if set(wmap) != set(tensors):
+            missing, extra = set(wmap) - set(tensors), set(tensors) - set(wmap)
+            _fail(index_path, f"weight_map disagrees with the shards: missing "
+                              f"{sorted(missing)[:5]}, unlisted {sorted(extra)[:5]}")
+        for name, shard_name in wmap.items():
+            if shard_name != owner[name]:
+                _fail(index_path, f"weight_map puts {name!r} in {shard_name!r}, "
+                                  f"found in {owner[name]!r}")
+    return config, tensors
+
+
+def _read_json(path: Path, what: str) -> dict:
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError as e:
+        raise ModelFileError(f"{path}: missing {what}") from e
+    except OSError as e:
+        raise ModelFileError(f"{path}: cannot read {what} ({e.strerror or e})") from e
+    try:
+        obj = json.loads(raw.decode("utf-8"), object_pairs_hook=_reject_duplicates)
+    except ModelFileError as e:
+        raise ModelFileError(f"{path}: bad {what}: {e}") from e
+    except (ValueError, RecursionError) as e:
+        raise ModelFileError(f"{path}: bad {what}: not valid UTF-8 JSON ({e})") from e
+    if not isinstance(obj, dict):
+        _fail(path, f"bad {what}: top level must be a JSON object, got {type(obj).__name__}")
+    return obj

@@ -1,0 +1,159 @@
+"""The three exact constructions for an RMSNorm after the down-projection (MATH.md M6).
+
+Gemma's MLP sublayer ends ``out = y + rms_s(h W_down^T)`` with multiplier ``s = 1 + g_pf``
+(OLMo 2: ``s = g``). After M1 has patched the inner part so the hidden is ``h^C``, the
+outer part must add ``delta = y^C - y``: the post-norm must output ``t = s * u^C + delta``
+where ``u^C = rms_unit(m^C)`` and ``m^C = h^C W_down^T``. Each function returns the outer
+part of a layer patch: ``{down: Rank1 or absent, norm: Scale}``.
+
+  m6a  the paper's construction (Goldwaser et al. 2025): elementwise scale only,
+       dg = delta / u^C; needs every coordinate of u^C nonzero.
+  m6b  M2 on W_down so it outputs v_t = t / s, then one scalar per token,
+       s -> s * sqrt(mean(v_t^2) + eps); needs h^C != 0 and every s_i != 0.
+  m6c  the stable variant: W_down outputs rho * y*, y* the trust-region minimiser of
+       ||s * y - t|| with mean(y^2) = 1, and an elementwise scale absorbs the rest.
+"""
+from __future__ import annotations
+
+from .backend import namespace
+from .errors import NotControllableError
+from .lemmas import first_bad, m2
+from .ops import rms_unit
+from .patches import Scale
+
+METHODS = ("m6a", "m6b", "m6c")
+
+
+def m6a(s, eps, h_ctx, m_ctx, delta, *, down, norm):
+    """M6a: dg_pf = delta / u^C elementwise, so y + (s + dg) u^C = y^C + s u^C.
+
+    Args:
+      s: [D] the post-norm multiplier; eps: its epsilon.
+      h_ctx: [T, F] hidden with context (unused: W_down is untouched).
+      m_ctx: [T, D] down-projection output with context.
+      delta: [T, D] = y^C - y.
+      down, norm: parameter names of W_down and the norm scale.
+    """
+    xp = namespace(m_ctx)
+    u = rms_unit(m_ctx, eps)
+    zero = u == 0
+    if bool(xp.any(zero)):
+        first_bad(zero, u, "u^C coordinate", hint="M6a divides by every coordinate; use m6b or m6c")
+    return {norm: Scale(add=delta / u)}
+
+
+def m6b(s, eps, h_ctx, m_ctx, delta, *, down, norm):
+    """M6b: M2 on W_down so it outputs v_t = t / s, then s -> s * sqrt(mean(v_t^2) + eps)."""
+    xp = namespace(m_ctx)
+    zero = s == 0
+    if bool(xp.any(zero)):
+        first_bad(xp.broadcast_to(zero, m_ctx.shape), xp.broadcast_to(s, m_ctx.shape),
+                  "post-norm multiplier entry", hint="M6b divides by s = 1 + g; use m6a")
+    t = s * rms_unit(m_ctx, eps) + delta
+    v_t = t / s
+    mul = xp.sqrt(xp.mean(v_t * v_t, axis=-1, keepdims=True) + eps)
+    return {down: m2(h_ctx, v_t - m_ctx, quantity="||h^C||^2"), norm: Scale(mul=mul)}
+
+
+def m6c(s, eps, h_ctx, m_ctx, delta, *, down, norm):
+    """M6c: W_down outputs rho * y*, then an elementwise scale absorbs t - s * rms_unit(rho y*).
+
+    y* = argmin ||s * y - t||^2 subject to mean(y^2) = 1 (see :func:`trust_region`),
+    rho = rms(m^C). Coordinates where rms_unit(rho y*) is zero carry zero residual, so their
+    scale patch is 0; a nonzero residual there has no witness (NotControllableError).
+    """
+    xp = namespace(m_ctx)
+    t = s * rms_unit(m_ctx, eps) + delta
+    y = trust_region(s, t)
+    rho = xp.sqrt(xp.mean(m_ctx * m_ctx, axis=-1, keepdims=True))
+    h_star = rho * y
+    r = rms_unit(h_star, eps)
+    resid = t - s * r
+    zero = r == 0
+    stuck = zero & (resid != 0)
+    if bool(xp.any(stuck)):
+        first_bad(stuck, resid, "residual on a zero coordinate of rms_unit(h*)",
+                  hint="happens where 1 + g = 0; use m6a")
+    one = xp.ones_like(r)
+    dg = xp.where(zero, xp.zeros_like(r), resid / xp.where(zero, one, r))
+    return {down: m2(h_ctx, h_star - m_ctx, quantity="||h^C||^2"), norm: Scale(add=dg)}
+
+
+def trust_region(s, t, iters=60):
+    """Rows of y* = argmin ||s * y - t||^2 subject to mean(y^2) = 1 (MATH.md M6c).
+
+    y = s t / (s^2 - mu) with mu < min(s^2) the root of mean(t^2 s^2 / (s^2 - mu)^2) = 1,
+    found by Newton's method on phi(mu)^(-1/2) - 1 (monotone from the left, as for the
+    trust-region secular equation), safeguarded to [lo, min s^2). The *hard case*: when t s
+    vanishes on the coordinates of smallest s^2 and the others alone have mean <= 1, no root
+    exists; then mu = min(s^2) and those free coordinates are filled equally to meet the
+    constraint. Solved in float64.
+
+    Args:
+      s: [D]; t: [T, D].
+    Returns:
+      [T, D] in t's dtype, each row with mean(y^2) = 1 (to rounding).
+    """
+    xp = namespace(t)
+    dt = t.dtype
+    s64, t64 = xp.astype(s, xp.float64), xp.astype(t, xp.float64)
+    D = t.shape[-1]
+    s2 = s64 * s64
+    m = xp.min(s2)
+    c = (t64 * s64) ** 2                                     # [T, D]
+    is_min = s2 == m                                         # [D]
+    c_min = xp.sum(xp.where(is_min, c, xp.zeros_like(c)), axis=-1)       # [T]
+    gap = xp.where(is_min, xp.ones_like(s2), s2 - m)
+    phi_m = xp.sum(xp.where(is_min, xp.zeros_like(c), c / gap**2), axis=-1) / D
+    hard = (c_min == 0) & (phi_m <= 1)                        # [T]
+
+    lo = m - xp.sqrt(xp.mean(c, axis=-1)) - xp.abs(m) * 1e-12 - 1e-300   # phi(lo) <= 1
+    mu = lo
+    for _ in range(iters):
+        d = s2[None, :] - mu[:, None]
+        phi = xp.mean(c / d**2, axis=-1)
+        dphi = xp.mean(2.0 * c / d**3, axis=-1)
+        f = phi ** -0.5 - 1.0
+        fp = -0.5 * phi ** -1.5 * dphi
+        step = xp.where(hard | (phi == 0), xp.zeros_like(mu), f / fp)
+        new = xp.clip(mu - step, lo, None)
+        new = xp.where(new >= m, (mu + m) / 2, new)
+        if not bool(xp.any(new != mu)):
+            break
+        mu = new
+    d = s2[None, :] - mu[:, None]
+    y = s64 * t64 / xp.where(d == 0, xp.ones_like(d), d)
+
+    # hard case: mu = min s^2, free coordinates filled equally
+    d_h = s2 - m
+    y_h = xp.where(is_min, xp.zeros_like(c), s64 * t64 / gap)
+    rest = D - xp.sum(y_h * y_h, axis=-1, keepdims=True)
+    n_min = xp.sum(xp.astype(is_min, xp.float64))
+    fill = xp.sqrt(xp.clip(rest, 0, None) / n_min)
+    y_h = xp.where(is_min, xp.broadcast_to(fill, c.shape), y_h)
+    del d_h
+    y = xp.where(hard[:, None], y_h, y)
+    return xp.astype(y, dt)
+
+
+CONSTRUCTIONS = {"m6a": m6a, "m6b": m6b, "m6c": m6c}
+
+
+def construct(method, s, eps, h_ctx, m_ctx, delta, *, down, norm):
+    """Run one construction by name; ``'auto'`` tries m6a, then m6c, then m6b.
+
+    Returns (name actually used, patch dict).
+    """
+    if method != "auto":
+        try:
+            fn = CONSTRUCTIONS[method]
+        except KeyError:
+            raise ValueError(f"unknown M6 method {method!r}; one of {METHODS + ('auto',)}") from None
+        return method, fn(s, eps, h_ctx, m_ctx, delta, down=down, norm=norm)
+    err = None
+    for name in ("m6a", "m6c", "m6b"):
+        try:
+            return name, CONSTRUCTIONS[name](s, eps, h_ctx, m_ctx, delta, down=down, norm=norm)
+        except NotControllableError as e:
+            err = e
+    raise err

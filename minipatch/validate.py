@@ -1,0 +1,60 @@
+"""Input checks shared by the forward, absorb and the loaders: named errors, never NaN."""
+from __future__ import annotations
+
+import numpy as np
+
+from .errors import InputError, ShapeError
+
+
+def host_ints(x, what):
+    """A 1-D numpy int64 copy of ``x`` (list, numpy or any backend array)."""
+    from .backend import to_numpy
+
+    try:
+        a = np.asarray(to_numpy(x) if not isinstance(x, (list, tuple, range)) else x)
+    except Exception as e:  # pragma: no cover - exotic inputs
+        raise InputError(f"{what}: cannot read as integers ({e})") from None
+    if a.ndim != 1:
+        raise ShapeError(f"{what} must be 1-D, got shape {a.shape}")
+    if a.size and not np.issubdtype(a.dtype, np.integer):
+        if np.issubdtype(a.dtype, np.floating) and np.all(np.isfinite(a)) and np.all(a == np.round(a)):
+            raise ShapeError(f"{what} must have an integer dtype, got {a.dtype}")
+        raise ShapeError(f"{what} must have an integer dtype, got {a.dtype}")
+    return a.astype(np.int64)
+
+
+def check_tokens(tokens, vocab_size):
+    t = host_ints(tokens, "tokens")
+    if t.size == 0:
+        raise InputError("tokens is empty")
+    if t.min() < 0 or t.max() >= vocab_size:
+        raise InputError(f"token ids must lie in [0, {vocab_size}), got range [{t.min()}, {t.max()}]")
+    return t
+
+
+def check_positions(positions, n, max_positions):
+    if positions is None:
+        return np.arange(n, dtype=np.int64)
+    p = host_ints(positions, "positions")
+    if p.shape[0] != n:
+        raise ShapeError(f"positions has {p.shape[0]} entries for {n} tokens")
+    if p.min() < 0 or p.max() >= max_positions:
+        raise InputError(f"positions must lie in [0, {max_positions}), got [{p.min()}, {p.max()}]")
+    if n > 1 and np.any(np.diff(p) <= 0):
+        raise InputError("positions must be strictly increasing")
+    return p
+
+
+def split_context(context, n):
+    """(context, kept) as sorted int64 arrays for a sequence of ``n`` tokens."""
+    c = host_ints(context, "context")
+    if c.size == 0:
+        raise InputError("context is empty: nothing to absorb")
+    if c.min() < 0 or c.max() >= n:
+        raise InputError(f"context positions must lie in [0, {n}), got [{c.min()}, {c.max()}]")
+    if np.unique(c).size != c.size:
+        raise InputError("context positions contain duplicates")
+    kept = np.setdiff1d(np.arange(n, dtype=np.int64), c)
+    if kept.size == 0:
+        raise InputError("context covers every position: no token is kept")
+    return np.sort(c), kept
