@@ -120,3 +120,53 @@ def greedy(model, tokens, n_new, context=None, method="auto", callback=None, win
         if callback is not None:
             callback(step, nxt)
     return np.asarray(out, dtype=np.int64), np.stack(rows)
+
+
+@dataclass(frozen=True)
+class BlockCheck:
+    """One block's theorem, numerically: outputs at the kept tokens (numpy-free, backend arrays).
+
+    Attributes:
+      with_context: block(x)[kept], the block run on every position.
+      patched: the patched block on x[kept] alone.
+      unpatched: the block on x[kept] alone without patches (the negative control).
+      patch: the layer patch; method: the construction used.
+    """
+
+    with_context: object
+    patched: object
+    unpatched: object
+    patch: dict
+    method: str
+
+
+def check_block(model, layer, x, context, method="auto", window_by="position"):
+    """The block theorem for layer ``layer`` on a residual stream ``x`` [T, D] (M6 / M8).
+
+    Runs the block with context on all T positions, builds the layer patch from the kept
+    positions, and runs the patched and unpatched block on the kept positions alone.
+    """
+    from .blocks import block_forward
+
+    xp = model.xp
+    T = x.shape[0]
+    ctx, kept = split_context(context, T)
+    dev = device(x)
+    pos, K = xp.arange(T, device=dev), xp.asarray(kept, device=dev)
+    idx_full = pos if window_by == "index" else None
+    idx_kept = xp.arange(kept.size, device=dev) if window_by == "index" else None
+    lp, cfg, spec = model.params["layers"][layer], model.cfg, model.spec
+    full = {}
+    out = block_forward(spec, lp, x, cfg, layer, pos, trace=full, index=idx_full)
+    tr_ctx = {k: take_rows(full[k], K) for k in ("x", "a", "z", "h")}
+    tr = {}
+    attn_sublayer(spec, lp, tr_ctx["x"], cfg, layer, K, trace=tr, index=idx_kept)
+    try:
+        name, patch = layer_patch(spec, lp, cfg, tr, tr_ctx, method)
+    except NotControllableError as e:
+        p = int(kept[e.position]) if e.position is not None else None
+        raise NotControllableError(e.quantity, e.value, layer=layer, position=p, hint=_hint(e)) from e
+    xk = tr_ctx["x"]
+    patched = block_forward(spec, lp, xk, cfg, layer, K, patch=patch, index=idx_kept)
+    unpatched = block_forward(spec, lp, xk, cfg, layer, K, index=idx_kept)
+    return BlockCheck(take_rows(out, K), patched, unpatched, patch, name)

@@ -1,0 +1,201 @@
+"""MATH.md M6: the Gemma block theorem, in its three constructions, one block at a time."""
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+import minipatch as mp
+from minipatch import NotControllableError
+from minipatch.absorb import check_block
+from minipatch.backend import to_numpy
+from minipatch.m6 import trust_region
+from minipatch.patches import Rank1, Scale
+
+from conftest import CONTROL_MIN, TOL32, TOL64_BLOCK, rel_err
+
+pytestmark = [pytest.mark.m6, pytest.mark.gemma]
+METHODS = ["m6a", "m6b", "m6c"]
+
+
+def stream(model, tokens, layer):
+    """The residual stream entering ``layer`` on a realistic input."""
+    tr = {}
+    model.run(tokens, trace=tr, head=False)
+    return tr["layers"][layer]["x"]
+
+
+def context_set(rng, T):
+    """A random non-prefix context set: BOS (0) and the last token are kept."""
+    k = rng.integers(1, T - 1)
+    return np.sort(rng.choice(np.arange(1, T - 1), size=k, replace=False))
+
+
+@pytest.fixture(scope="module")
+def gemma64():
+    return mp.models.tiny_gemma(seed=7, n_layers=3)
+
+
+@pytest.mark.parametrize("method", METHODS)
+@given(seed=st.integers(0, 10_000), T=st.integers(3, 14), layer=st.integers(0, 2))
+def test_block_theorem_float64(gemma64, method, seed, T, layer):
+    rng = np.random.default_rng(seed)
+    tok = rng.integers(0, gemma64.cfg.vocab_size, T)
+    x = stream(gemma64, tok, layer)
+    r = check_block(gemma64, layer, x, context_set(rng, T), method)
+    assert r.method == method
+    err = rel_err(r.patched, r.with_context)
+    assert err <= (TOL64_BLOCK if method != "m6a" else 1e-10), err
+    assert rel_err(r.unpatched, r.with_context) > CONTROL_MIN          # negative control
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_block_theorem_float64_fixed(gemma64, method):
+    """A fixed case held to the 1e-12 per-block bar for every construction."""
+    rng = np.random.default_rng(0)
+    tok = rng.integers(0, 256, 16)
+    r = check_block(gemma64, 1, stream(gemma64, tok, 1), [2, 3, 5, 8, 9, 13], method)
+    assert rel_err(r.patched, r.with_context) <= TOL64_BLOCK
+    assert rel_err(r.unpatched, r.with_context) > CONTROL_MIN
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_block_theorem_float32(method):
+    model = mp.models.tiny_gemma(seed=3, n_layers=2, dtype=np.float32)
+    rng = np.random.default_rng(1)
+    tok = rng.integers(0, 256, 20)
+    r = check_block(model, 1, stream(model, tok, 1), np.arange(1, 12), method)
+    assert r.patched.dtype == np.float32
+    assert rel_err(r.patched, r.with_context) <= TOL32
+    assert rel_err(r.unpatched, r.with_context) > CONTROL_MIN
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_what_each_construction_patches(gemma64, method):
+    rng = np.random.default_rng(2)
+    tok = rng.integers(0, 256, 10)
+    assert gemma64.cfg.layer_type(2) == "full"   # every later kept token sees the context
+    r = check_block(gemma64, 2, stream(gemma64, tok, 2), [1, 2, 3, 4], method)
+    p = r.patch
+    assert isinstance(p["gate_proj.weight"], Rank1) and isinstance(p["up_proj.weight"], Rank1)
+    assert p["gate_proj.weight"].v is p["up_proj.weight"].v        # shared v = n/||n||^2
+    scale = p["mlp_post_norm.weight"]
+    assert isinstance(scale, Scale)
+    if method == "m6a":
+        assert "down_proj.weight" not in p and scale.mul is None and scale.add.shape == (6, 64)
+    elif method == "m6b":
+        assert isinstance(p["down_proj.weight"], Rank1) and scale.add is None and scale.mul.shape == (6, 1)
+    else:
+        assert isinstance(p["down_proj.weight"], Rank1) and scale.add.shape == (6, 64)
+    for name, q in p.items():       # rank check of every weight patch
+        if isinstance(q, Rank1):
+            # kept token 0 (BOS) precedes the context: nothing to absorb, so the inner
+            # patches are 0 (M6b/M6c still rewrite W_down's output there: a rank-1 patch
+            # that the scale patch undoes)
+            r0 = np.linalg.matrix_rank(to_numpy(q.dense(0)))
+            assert r0 == (0 if name != "down_proj.weight" else 1), name
+            for t in range(1, 6):
+                assert np.linalg.matrix_rank(to_numpy(q.dense(t))) == 1, name
+
+
+def test_m6c_residual_is_smallest():
+    """M6c minimises what the elementwise scale must absorb (MATH.md M6c): its residual
+    ||t - s * rms_unit(W_down' h)|| is at most M6a's ||t - s u^C|| = ||delta||."""
+    from minipatch.m6 import m6a, m6c
+    from minipatch.ops import rms_unit
+
+    rng = np.random.default_rng(4)
+    T, D, F = 6, 16, 24
+    s = np.exp(0.5 * rng.standard_normal(D))
+    h, W = rng.standard_normal((T, F)), rng.standard_normal((D, F)) / np.sqrt(F)
+    m = h @ W.T
+    delta = 0.5 * rng.standard_normal((T, D))
+    pc = m6c(s, 1e-6, h, m, delta, down="d", norm="n")
+    r = rms_unit(pc["d"].apply(h, m), 1e-6)
+    t = s * rms_unit(m, 1e-6) + delta
+    assert np.all(np.linalg.norm(t - s * r, axis=1) <= np.linalg.norm(delta, axis=1) + 1e-12)
+    pa = m6a(s, 1e-6, h, m, delta, down="d", norm="n")
+    # the patched post-norm output is t for both
+    np.testing.assert_allclose(pa["n"].multiplier(s) * rms_unit(m, 1e-6), t, rtol=1e-12)
+    np.testing.assert_allclose(pc["n"].multiplier(s) * r, t, rtol=1e-10)
+
+
+def test_trust_region_regular_and_hard_case():
+    rng = np.random.default_rng(5)
+    D = 8
+    s = np.exp(0.5 * rng.standard_normal(D))
+    t = rng.standard_normal((4, D))
+    y = trust_region(s, t)
+    np.testing.assert_allclose(np.mean(y**2, axis=1), 1.0, rtol=1e-12)
+    # optimality against random feasible points
+    for _ in range(200):
+        z = rng.standard_normal(D)
+        z /= np.sqrt(np.mean(z**2))
+        assert np.all(np.sum((s * y - t) ** 2, 1) <= np.sum((s * z - t) ** 2, 1) + 1e-9)
+    # hard case: t has no component on the coordinates of smallest s^2, and is small
+    s_h = np.array([0.5, 0.5, 1.0, 2.0, 3.0])
+    t_h = np.array([[0.0, 0.0, 0.1, 0.2, -0.1]])
+    y_h = trust_region(s_h, t_h)
+    np.testing.assert_allclose(np.mean(y_h**2), 1.0, rtol=1e-12)
+    assert np.all(y_h[0, :2] != 0)           # the free coordinates are filled
+    mu = s_h.min() ** 2                       # and the rest follows y = s t / (s^2 - mu)
+    np.testing.assert_allclose(y_h[0, 2:], s_h[2:] * t_h[0, 2:] / (s_h[2:] ** 2 - mu), rtol=1e-12)
+
+
+def test_hard_case_block_theorem():
+    """M6c through a real block where t vanishes on the smallest-multiplier coordinates."""
+    from minipatch.m6 import m6c
+    from minipatch.ops import rms_unit
+
+    rng = np.random.default_rng(6)
+    T, D, F = 3, 6, 10
+    s = np.array([0.3, 0.3, 1.0, 1.5, 2.0, 2.5])
+    h, W = rng.standard_normal((T, F)), rng.standard_normal((D, F))
+    m = h @ W.T
+    u = rms_unit(m, 1e-6)
+    t = np.zeros((T, D))
+    t[:, 2:] = 0.05 * rng.standard_normal((T, D - 2))
+    delta = t - s * u                          # so that the goal is exactly t
+    pc = m6c(s, 1e-6, h, m, delta, down="d", norm="n")
+    out = pc["n"].multiplier(s) * rms_unit(pc["d"].apply(h, m), 1e-6)
+    np.testing.assert_allclose(out, t, atol=1e-12)
+
+
+def test_m6a_zero_coordinate_and_auto(gemma64):
+    """An exact zero in u^C: M6a has no witness, 'auto' picks another construction."""
+    from minipatch.m6 import construct, m6a
+
+    rng = np.random.default_rng(8)
+    D, F = 6, 5
+    s = np.exp(0.3 * rng.standard_normal(D))
+    h = rng.standard_normal((2, F))
+    W = rng.standard_normal((D, F))
+    W[3] = 0.0                                 # coordinate 3 of m^C is exactly 0
+    m, delta = h @ W.T, rng.standard_normal((2, D))
+    with pytest.raises(NotControllableError) as e:
+        m6a(s, 1e-6, h, m, delta, down="d", norm="n")
+    assert "u^C" in e.value.quantity and e.value.position == 0
+    name, _ = construct("auto", s, 1e-6, h, m, delta, down="d", norm="n")
+    assert name == "m6c"
+    # and where M6c and M6b have no witness (1 + g = 0 with a residual there), auto falls to M6a
+    s0 = s.copy()
+    s0[1] = 0.0
+    W2 = rng.standard_normal((D, F))
+    name, patch = construct("auto", s0, 1e-6, h, h @ W2.T, delta, down="d", norm="n")
+    assert name == "m6a"
+
+
+def test_m6b_needs_nonzero_multiplier():
+    from minipatch.m6 import m6a, m6b
+
+    rng = np.random.default_rng(9)
+    s = np.array([1.0, 0.0, 2.0, 0.5])         # 1 + g = 0 at coordinate 1
+    h = rng.standard_normal((2, 3))
+    m, delta = h @ rng.standard_normal((4, 3)).T, rng.standard_normal((2, 4))
+    with pytest.raises(NotControllableError, match="multiplier"):
+        m6b(s, 1e-6, h, m, delta, down="d", norm="n")
+    m6a(s, 1e-6, h, m, delta, down="d", norm="n")   # M6a still works
+
+
+def test_unknown_method(gemma64):
+    with pytest.raises(ValueError, match="unknown M6 method"):
+        mp.absorb(gemma64, [1, 2, 3, 4], [1, 2], method="m6z")
