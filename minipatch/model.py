@@ -29,6 +29,8 @@ def top_shapes(cfg):
         s["pos_embed.weight"] = (cfg.max_positions, cfg.d_model)
     if not cfg.tie_embeddings:
         s["lm_head.weight"] = (cfg.vocab_size, cfg.d_model)
+    if cfg.extra.get("head_bias"):      # GPT-J, Phi: the output head has a bias
+        s["lm_head.bias"] = (cfg.vocab_size,)
     return s
 
 
@@ -75,7 +77,10 @@ class Model:
         return namespace(self.params["embed.weight"])
 
     def astype(self, dtype):
-        """A copy of the model with floating parameters cast to ``dtype``."""
+        """A copy of the model with floating parameters cast to ``dtype`` (float32/float64)."""
+        from .backend import as_float_dtype
+
+        as_float_dtype(np, dtype)
         return Model(self.cfg, to(self.params, dtype=dtype))
 
     def to(self, xp, dev=None):
@@ -145,8 +150,10 @@ class Model:
         return self.logits(xf)
 
     def logits(self, xf):
-        """[T, V] = final hidden @ head^T, soft-capped when the config says so."""
-        return softcap(xf @ self.head_weight().mT, self.cfg.final_softcap)
+        """[T, V] = final hidden @ head^T (+ head bias), soft-capped when the config says so."""
+        y = xf @ self.head_weight().mT
+        b = self.params.get("lm_head.bias")
+        return softcap(y if b is None else y + b, self.cfg.final_softcap)
 
     def forward(self, tokens, positions=None, patches=None, trace=None, window_by="position"):
         """Logits [T, V]; see :meth:`run`."""

@@ -457,6 +457,9 @@ def model_from_hf(config, tensors, dtype="float64"):
     from ..backend import to
     from ..model import Model
 
+    from ..backend import as_float_dtype
+
+    as_float_dtype(np, dtype)
     cfg = config_from_hf(config)
     table = FAMILIES[config["model_type"]][1]
     top, layers = map_tensors(tensors, table(config) if callable(table) else table, cfg.n_layers)

@@ -1,0 +1,60 @@
+"""``python -m minipatch``: run every theorem check on embedded random models.
+
+    python -m minipatch                  # all checks, table per construction and dtype, figure
+    python -m minipatch --quick          # the Gemma checks only
+    python -m minipatch audit PATH --reference REF.npz [--json] [--rtol R]
+
+Exits non-zero if any check fails.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def check_main(args):
+    from . import report
+
+    curves = {}
+    print("minipatch: context as exact weight patches (MATH.md M1-M8), embedded random models\n")
+    rows = report.gemma_rows(curves)
+    print("Gemma-style model: M1, M2, M6a/M6b/M6c, M7, generation")
+    print(report.format_table(rows))
+    if not args.quick:
+        fam = report.family_rows()
+        print("\nEvery block family (M8 through the model, method 'auto')")
+        print(report.format_table(fam))
+        rows += fam
+    figdir = Path(args.figures)
+    try:
+        figdir.mkdir(parents=True, exist_ok=True)
+        report.plot_curves(curves, figdir / "error_per_layer.png")
+        print(f"\nfigure: {figdir / 'error_per_layer.png'}")
+    except ImportError:
+        print("\n(matplotlib not installed: no figure; pip install matplotlib)")
+    bad = [r for r in rows if not r.ok]
+    print(f"\n{len(rows) - len(bad)} passed, {len(bad)} failed")
+    return 1 if bad else 0
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m minipatch", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="cmd")
+    parser.add_argument("--quick", action="store_true", help="Gemma checks only")
+    parser.add_argument("--figures", default="figures", help="folder for figures (default: figures)")
+    try:
+        from .audit import add_parser as add_audit
+    except ImportError:
+        add_audit = None
+    if add_audit is not None:
+        add_audit(sub)
+    args = parser.parse_args(argv)
+    if args.cmd is None:
+        return check_main(args)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
