@@ -46,17 +46,10 @@ class BlockSpec:
         return layer_shapes(self, cfg)
 
 
-def attention_op(p, x, cfg, layer, positions, patch=None, index=None):
-    """The attention sublayer's core, Attn(x): projections, q/k norms, RoPE, mask, o_proj.
-
-    Args:
-      x: [T, D] attention input (already pre-normed); positions: int [T].
-      index: int [T] sequence indices; when given, the sliding window is measured on them
-        (Hugging Face's convention) instead of on positions.
-    """
+def project_qkv(p, x, cfg, layer, positions, patch=None):
+    """q [T, N, H], k [T, K, H], v [T, K, H]: projections, q/k norms, RoPE at ``positions``."""
     xp = namespace(x)
-    T = x.shape[0]
-    N, K, H = cfg.n_heads, cfg.n_kv_heads, cfg.d_head
+    T, N, K, H = x.shape[0], cfg.n_heads, cfg.n_kv_heads, cfg.d_head
     q, k, v = (linear(p, n, x, patch) for n in ("q_proj", "k_proj", "v_proj"))
     if cfg.qk_norm == "full":
         q, k = norm(p, "q_norm", q, cfg, kind="rms"), norm(p, "k_norm", k, cfg, kind="rms")
@@ -68,25 +61,42 @@ def attention_op(p, x, cfg, layer, positions, patch=None, index=None):
         cos, sin = rope_angles(positions, cfg.rope_base(layer), rd, x.dtype)
         q = apply_rope(q, cos, sin, rd, cfg.rope_interleaved)
         k = apply_rope(k, cos, sin, rd, cfg.rope_interleaved)
-    mask = causal_mask(positions, positions, cfg.window(layer), index, index)
-    o = attention(q, k, v, mask, cfg.score_scale, cfg.attn_softcap)
-    return linear(p, "o_proj", xp.reshape(o, (T, N * H)), patch)
+    return q, k, v
+
+
+def attention_output(spec, p, o, cfg, patch=None):
+    """From the heads' outputs o [T, N, H] to the sublayer output a [T, D]: o_proj, then the
+    post-attention norm where the family has one (Gemma, OLMo 2)."""
+    xp = namespace(o)
+    a = linear(p, "o_proj", xp.reshape(o, (o.shape[0], o.shape[1] * o.shape[2])), patch)
+    return norm(p, "attn_post_norm", a, cfg, patch) if spec.attn_post_norm else a
+
+
+def mlp_input(spec, p, x, a, cfg, patch=None):
+    """The MLP input z from the layer input x and the attention output a, by layout."""
+    if spec.layout == "parallel":
+        return x
+    if spec.layout == "noskip":
+        return a
+    if spec.layout == "postnorm":
+        return norm(p, spec.res_norms[0], x + a, cfg, patch)
+    return x + a
 
 
 def attn_sublayer(spec, p, x, cfg, layer, positions, patch=None, trace=None, index=None):
-    """From the layer input x [T, D] to the MLP input z and the attention output a."""
-    a = attention_op(p, norm(p, "attn_norm", x, cfg) if spec.attn_pre_norm else x,
-                     cfg, layer, positions, patch, index)
-    if spec.attn_post_norm:
-        a = norm(p, "attn_post_norm", a, cfg, patch)
-    if spec.layout == "parallel":
-        z = x
-    elif spec.layout == "noskip":
-        z = a
-    elif spec.layout == "postnorm":
-        z = norm(p, spec.res_norms[0], x + a, cfg, patch)
-    else:
-        z = x + a
+    """From the layer input x [T, D] to the MLP input z and the attention output a.
+
+    Args:
+      positions: int [T] (RoPE and causality).
+      index: int [T] sequence indices; when given, the sliding window is measured on them
+        (Hugging Face's convention) instead of on positions.
+    """
+    q, k, v = project_qkv(p, norm(p, "attn_norm", x, cfg) if spec.attn_pre_norm else x,
+                          cfg, layer, positions, patch)
+    mask = causal_mask(positions, positions, cfg.window(layer), index, index)
+    o = attention(q, k, v, mask, cfg.score_scale, cfg.attn_softcap)
+    a = attention_output(spec, p, o, cfg, patch)
+    z = mlp_input(spec, p, x, a, cfg, patch)
     if trace is not None:
         trace.update(x=x, a=a, z=z)
     return z, a
@@ -182,5 +192,5 @@ def layer_shapes(spec, cfg):
     return shapes
 
 
-__all__ = ["BlockSpec", "attention_op", "attn_sublayer", "block_forward", "layer_patch",
+__all__ = ["BlockSpec", "project_qkv", "attention_output", "mlp_input", "attn_sublayer", "block_forward", "layer_patch",
            "layer_shapes", "take_rows"]
