@@ -74,15 +74,10 @@ def absorb(model, tokens, context, method="auto", window_by="position"):
         except NotControllableError as e:
             pos = int(kept[e.position]) if e.position is not None else None
             raise NotControllableError(e.quantity, e.value, layer=l, position=pos,
-                                       hint=_hint(e)) from e
+                                       hint=e.hint) from e
         layers.append(patch)
         methods.append(name)
     return AbsorbResult(Patches(tuple(layers), kept, tuple(methods)), kept, ctx, tuple(methods))
-
-
-def _hint(e):
-    msg = str(e)
-    return msg[msg.index("(") + 1: -1] if "(" in msg else ""
 
 
 def patched_forward(model, tokens, res, **kw):
@@ -165,7 +160,7 @@ def check_block(model, layer, x, context, method="auto", window_by="position"):
         name, patch = layer_patch(spec, lp, cfg, tr, tr_ctx, method)
     except NotControllableError as e:
         p = int(kept[e.position]) if e.position is not None else None
-        raise NotControllableError(e.quantity, e.value, layer=layer, position=p, hint=_hint(e)) from e
+        raise NotControllableError(e.quantity, e.value, layer=layer, position=p, hint=e.hint) from e
     xk = tr_ctx["x"]
     patched = block_forward(spec, lp, xk, cfg, layer, K, patch=patch, index=idx_kept)
     unpatched = block_forward(spec, lp, xk, cfg, layer, K, index=idx_kept)

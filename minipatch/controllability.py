@@ -317,8 +317,22 @@ def check_output_controllable(outer, p, cfg, h, delta, method="auto"):
 
 
 def _maxdiff(a, b):
+    """max |a - b|; for MoE hiddens (dicts) over the parts the outer part reads."""
+    if isinstance(a, dict):
+        a, b = _used(a), _used(b)
+        return max(_maxdiff(a[k], b[k]) for k in a)
     xp = namespace(a, b)
     return float(xp.max(xp.abs(a - b)))
+
+
+def _used(h):
+    """An MoE hidden with each expert's hidden zeroed where its gate is 0 (the outer part
+    never reads it, and the M8 witness leaves unselected experts unpatched)."""
+    if "gates" not in h:
+        return h
+    xp = namespace(h["gates"])
+    on = (h["gates"] != 0)[:, :, None]
+    return dict(h, experts=xp.where(on, h["experts"], xp.zeros_like(h["experts"])))
 
 
 __all__ = [

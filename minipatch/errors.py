@@ -25,6 +25,7 @@ class NotControllableError(MinipatchError, ValueError):
         self.value = value
         self.layer = layer
         self.position = position
+        self.hint = hint
         where = []
         if layer is not None:
             where.append(f"layer {layer}")

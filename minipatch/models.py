@@ -69,6 +69,10 @@ def gemma3_270m_sized(seed=0, dtype=np.float32, n_layers=18):
 
 def tiny(family, seed=0, dtype=np.float64, **kw):
     """A small random model of any declared family (see ``minipatch.blocks.families``)."""
+    if family == "gemma2":   # no q/k norms, soft-capping (small caps, so they bend), alternating windows
+        L = kw.get("n_layers", 4)
+        kw = dict(dict(qk_norm="none", attn_softcap=10.0, final_softcap=5.0, rope_local_theta=None,
+                       layer_types=tuple("sliding" if i % 2 == 0 else "full" for i in range(L))), **kw)
     if family in ("gemma3", "gemma2"):
         return tiny_gemma(seed, dtype, family=family, **kw)
     base = dict(family=family, vocab_size=256, d_model=64, n_layers=4, n_heads=4, n_kv_heads=2,
@@ -82,12 +86,12 @@ def tiny(family, seed=0, dtype=np.float64, **kw):
 FAMILY_DEFAULTS = {
     "gpt2": dict(norm="layer", norm_eps=1e-5, act="gelu_tanh", attn_bias=True, o_bias=True, mlp_bias=True,
                  pos_embedding="learned", max_positions=512, tie_embeddings=True, n_kv_heads=4),
-    "olmo2": dict(qk_norm="full"),
+    "olmo2": dict(qk_norm="full", norm_eps=1e-5),
     "postnorm": dict(norm="layer", norm_eps=1e-5, act="gelu_tanh", attn_bias=True, o_bias=True,
                      mlp_bias=True, n_kv_heads=4),
     "gptj": dict(norm="layer", norm_eps=1e-5, act="gelu_tanh", attn_bias=False, o_bias=False,
-                 mlp_bias=True, rotary_dim=8, rope_interleaved=True, n_kv_heads=4),
-    "neox": dict(norm="layer", norm_eps=1e-5, act="gelu_tanh", attn_bias=True, o_bias=True,
+                 mlp_bias=True, rotary_dim=8, rope_interleaved=True, n_kv_heads=4, extra={"head_bias": True}),
+    "neox": dict(norm="layer", norm_eps=1e-5, act="gelu", attn_bias=True, o_bias=True,
                  mlp_bias=True, rotary_dim=4, n_kv_heads=4),
     "parallel": dict(act="silu", n_kv_heads=1),
     "mixtral": dict(n_experts=4, top_k=2, moe_renormalize=True, d_ff=64),

@@ -46,15 +46,65 @@ def gelu_tanh(x):
 
 
 def gelu_erf(x):
-    """Exact GELU, 0.5 x (1 + erf(x / sqrt 2)), via the array API's lack of erf: a series-free
-    identity through tanh is not exact, so erf comes from math on the host for numpy only."""
-    xp = namespace(x)
-    if hasattr(xp, "erf"):
-        return 0.5 * x * (1.0 + xp.erf(x / math.sqrt(2.0)))
-    import numpy as np
-    from math import erf
+    """Exact GELU (Hugging Face's ``"gelu"``, GPT-NeoX): 0.5 x (1 + erf(x / sqrt 2)), with :func:`erf`."""
+    return 0.5 * x * (1.0 + erf(x * (1.0 / math.sqrt(2.0))))
 
-    return 0.5 * x * (1.0 + xp.asarray(np.vectorize(erf)(np.asarray(x) / math.sqrt(2.0)), dtype=x.dtype))
+
+_ERF_CUT = 2.0        # series below, continued fraction at and above
+_ERF_SERIES = 40      # terms of the positive series (enough for 2 z^2 <= 8 in float64)
+_ERFC_CF = 60         # depth of the erfc continued fraction (enough for z >= 2 in float64)
+
+
+def erf(x):
+    """The error function to a few ulp in float64 (and float32), with array-API ops only.
+
+    The array API standard has no ``erf``. For |z| < 2 a series with positive terms (no
+    cancellation), evaluated by Horner's rule,
+
+        erf(z) = 2/sqrt(pi) z exp(-z^2) sum_k (2 z^2)^k / (1 * 3 * ... * (2k+1)),
+
+    and for |z| >= 2 the continued fraction
+
+        erfc(z) = exp(-z^2)/sqrt(pi) / (z + (1/2)/(z + 1/(z + (3/2)/(z + ...)))),
+
+    erf = 1 - erfc. ``exp(-z^2)`` is evaluated on an exact split z = hi + lo (Veltkamp), so
+    the rounding of z^2 does not cost digits. Measured against ``math.erf`` on [0, 8]:
+    max relative error 6.7e-16, mean 1.2e-16 (``tests/test_families.py``). Odd in z.
+
+    Args:
+      x: real floating array of any shape.
+    Returns:
+      erf(x), same shape and dtype.
+    """
+    xp = namespace(x)
+    a = xp.minimum(xp.abs(x), xp.asarray(30.0, dtype=x.dtype, device=_dev(x)))  # erf(30) == 1
+    small = a < _ERF_CUT
+    zs = xp.where(small, a, xp.zeros_like(a))                       # series domain
+    zc = xp.where(small, xp.full_like(a, _ERF_CUT), a)              # continued-fraction domain
+    two_z2 = 2.0 * zs * zs
+    s = xp.ones_like(a)
+    for k in range(_ERF_SERIES, 0, -1):                             # loop over terms, not elements
+        s = 1.0 + s * two_z2 / (2 * k + 1)
+    series = (2.0 / math.sqrt(math.pi)) * zs * _exp_minus_sq(zs) * s
+    f = zc
+    for k in range(_ERFC_CF, 0, -1):
+        f = zc + (k / 2.0) / f
+    erfc = _exp_minus_sq(zc) / (math.sqrt(math.pi) * f)
+    r = xp.where(small, series, 1.0 - erfc)
+    return xp.where(x < 0, -r, r)
+
+
+def _exp_minus_sq(z):
+    """exp(-z^2) with z^2 split exactly: z = hi + lo, hi*hi exact (Veltkamp split)."""
+    xp = namespace(z)
+    bits = xp.finfo(z.dtype).bits
+    if bits not in (32, 64):                                           # float16: no split needed
+        return xp.exp(-(z * z))
+    c = 134217729.0 if bits == 64 else 4097.0                          # 2^27 + 1, 2^12 + 1
+    t = z * c
+    hi = t - (t - z)
+    lo = z - hi
+    return xp.exp(-(hi * hi)) * xp.exp(-(2.0 * hi * lo + lo * lo))
 
 
 def silu(x):

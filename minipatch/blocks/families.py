@@ -1,19 +1,23 @@
 """The declarations: one function per block family, ``cfg -> BlockSpec``.
 
-| family        | layout     | inner (input-controllable)          | outer (output-controllable)   |
-|---------------|------------|-------------------------------------|-------------------------------|
-| gemma2/3      | sequential | RMSNorm(1+g) -> GeGLU               | W_down -> RMSNorm(1+g) (M6)   |
-| llama         | sequential | RMSNorm -> SwiGLU                   | W_down (M2)                   |
-| gpt2          | sequential | LayerNorm -> W_fc, GELU             | W_proj (+bias) (M2)           |
-| olmo2         | sequential | SwiGLU (no pre-norm)                | W_down -> RMSNorm (M6)        |
-| postnorm      | postnorm   | W_1, act (no pre-norm)              | W_2 (+bias) (M2)              |
-| gptj          | parallel   | shared LayerNorm -> W_fc, GELU      | W_out (M2), delta = Attn diff |
-| neox          | parallel   | own LayerNorm -> W_fc, GELU         | W_out (M2), delta = Attn diff |
-| parallel      | parallel   | shared RMSNorm -> SwiGLU (PaLM)     | W_down (M2), delta = Attn diff|
-| mixtral       | sequential | RMSNorm -> router + SwiGLU experts  | expert W_down (M2 / gate)     |
-| qwen2_moe     | sequential | ... + sigmoid-gated shared expert   | expert W_down (M2 / gate)     |
-| vanilla_m3    | noskip     | W, act (Dherin et al. M3)           | none needed                   |
-| vanilla_m4    | sequential | W_1, act                            | b_2 += delta (M4)             |
+| family        | layout     | inner (input-controllable)          | outer (output-controllable)   | HF model_type        |
+|---------------|------------|-------------------------------------|-------------------------------|----------------------|
+| gemma2/3      | sequential | RMSNorm(1+g) -> GeGLU               | W_down -> RMSNorm(1+g) (M6)   | gemma2, gemma3_text  |
+| llama         | sequential | RMSNorm -> SwiGLU                   | W_down (M2)                   | llama, mistral, qwen2, qwen3 |
+| gpt2          | sequential | LayerNorm -> W_fc, GELU             | W_proj (+bias) (M2)           | gpt2 (gpt_neox with use_parallel_residual=False) |
+| olmo2         | sequential | SwiGLU (no pre-norm)                | W_down -> RMSNorm (M6)        | olmo2                |
+| postnorm      | postnorm   | W_1, act (no pre-norm)              | W_2 (+bias) (M2)              | (original Transformer) |
+| gptj          | parallel   | shared LayerNorm -> W_fc, GELU      | W_out (M2), delta = Attn diff | gptj, phi            |
+| neox          | parallel   | own LayerNorm -> W_fc, GELU         | W_out (M2), delta = Attn diff | gpt_neox             |
+| parallel      | parallel   | shared RMSNorm -> SwiGLU (PaLM)     | W_down (M2), delta = Attn diff| (PaLM)               |
+| mixtral       | sequential | RMSNorm -> router + SwiGLU experts  | expert W_down (M2 / gate)     | mixtral              |
+| qwen2_moe     | sequential | ... + sigmoid-gated shared expert   | expert W_down (M2 / gate)     | qwen2_moe            |
+| vanilla_m3    | noskip     | W, act (Dherin et al. M3)           | none needed                   |                      |
+| vanilla_m4    | sequential | W_1, act                            | b_2 += delta (M4)             |                      |
+
+Attention-side differences (q/k norms per head or over all heads, biases, partial or
+interleaved RoPE, sliding windows, soft-capping) live in the config, not here: they change
+the attention sublayer, which the theorem only reads through its outputs.
 """
 from __future__ import annotations
 
