@@ -1,9 +1,10 @@
 """``python -m minipatch audit PATH --reference REF.npz``: check another implementation.
 
-PATH is a Hugging Face checkpoint folder or a ``.gguf`` file. REF.npz (read with
-``allow_pickle=False``) holds ``input_ids`` [T], ``logits`` [T, V] and optionally
-``hidden_states`` [L+1, T, D] (Hugging Face layout: [0] embeddings, [i] after layer i,
-[L] after the final norm) and ``context_positions``. The audit reports:
+PATH is a Hugging Face checkpoint folder or a ``.gguf`` file. REF.npz (plain arrays only:
+each member's header is checked before its data is read, and nothing is ever unpickled)
+holds ``input_ids`` [T], ``logits`` [T, V] and optionally ``hidden_states`` [L+1, T, D]
+(Hugging Face layout: [0] embeddings, [i] after layer i, [L] after the final norm) and
+``context_positions``. The audit reports:
 
 - the max absolute and relative logit error (relative to max |reference logits|);
 - the first layer whose hidden state diverges beyond ``rtol`` (null if none);
@@ -17,37 +18,115 @@ patched logits agree with ours within ``rtol`` and with the reference within ``r
 from __future__ import annotations
 
 import json
+import math
 import sys
+import zipfile
 from pathlib import Path
 
 import numpy as np
 
-from .errors import ModelFileError
+from .errors import MinipatchError, ModelFileError
 
 KEYS = ("arch", "logits_max_abs_err", "logits_max_rel_err", "first_divergent_layer",
         "absorb_max_rel_err_self", "absorb_max_rel_err_reference", "unpatched_max_rel_err", "ok")
+DEFLATE_MAX_RATIO = 1032   # deflate cannot expand more than this: bounds what a member may claim
 
 
 def _rel(a, b):
-    return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
+    """max |a - b| / max |b| (0 for equal arrays; inf if b is zero and a is not)."""
+    diff, scale = float(np.max(np.abs(a - b))), float(np.max(np.abs(b)))
+    return diff / scale if scale > 0 else (0.0 if diff == 0 else float("inf"))
+
+
+def _read_member(zf, info, disk_size):
+    """One ``.npy`` member as a plain array; the header is checked before any data is read."""
+    if info.compress_size > disk_size or info.file_size > DEFLATE_MAX_RATIO * info.compress_size + 1024:
+        raise ModelFileError(f"member {info.filename!r} claims {info.file_size} bytes: inconsistent zip")
+    with zf.open(info) as f:
+        version = np.lib.format.read_magic(f)
+        if version not in ((1, 0), (2, 0)):
+            raise ModelFileError(f"member {info.filename!r}: unsupported .npy version {version}")
+        read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                       else np.lib.format.read_array_header_2_0)
+        shape, fortran, dtype = read_header(f)
+        if dtype.hasobject:
+            raise ModelFileError(f"member {info.filename!r} is an object array (pickled Python objects); "
+                                 "refused, never unpickled: save plain numeric arrays")
+        nbytes = math.prod(shape) * dtype.itemsize
+        if f.tell() + nbytes != info.file_size:
+            raise ModelFileError(f"member {info.filename!r}: header says {shape} {dtype} ({nbytes} bytes), "
+                                 f"the member holds {info.file_size - f.tell()}")
+        data = f.read(nbytes) + f.read()   # the second read reaches EOF, so zipfile checks the CRC
+    if len(data) != nbytes:
+        raise ModelFileError(f"member {info.filename!r} is truncated")
+    return np.frombuffer(data, dtype=dtype).reshape(shape, order="F" if fortran else "C").copy()
+
+
+def _read_npz(path):
+    """Every member of an .npz as a plain array, without ``np.load`` and never unpickling."""
+    if not path.is_file():
+        raise ModelFileError(f"{path}: reference file not found")
+    disk_size = path.stat().st_size
+    try:
+        with zipfile.ZipFile(path) as zf:
+            ref = {}
+            for info in zf.infolist():
+                if not info.filename.endswith(".npy") or info.filename[:-4] in ref:
+                    raise ModelFileError(f"member {info.filename!r} is not a (unique) .npy array")
+                ref[info.filename[:-4]] = _read_member(zf, info, disk_size)
+    except ModelFileError as e:
+        raise ModelFileError(f"{path}: {e}") from None
+    except Exception as e:   # any parse failure of a damaged file (BadZipFile, zlib.error, ...)
+        raise ModelFileError(f"{path}: not a readable .npz of plain arrays "
+                             f"({type(e).__name__}: {e})") from None
+    return ref
+
+
+def _check(path, name, a, ndim, kinds):
+    """Raise ModelFileError unless ``a`` is an ``ndim``-D array of dtype kind ``kinds``, finite if float."""
+    if not isinstance(a, np.ndarray) or a.ndim != ndim or a.dtype.kind not in kinds:
+        what = {"iu": "integer", "f": "real floating"}[kinds]
+        raise ModelFileError(f"{path}: {name} must be a {ndim}-D {what} array, got "
+                             f"{getattr(a, 'dtype', type(a))} {getattr(a, 'shape', '')}")
+    if a.dtype.kind == "f" and not np.all(np.isfinite(a)):
+        raise ModelFileError(f"{path}: {name} holds non-finite values")
 
 
 def read_reference(path):
-    """The reference arrays, validated (never unpickled)."""
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            ref = {k: z[k] for k in z.files}
-    except (ValueError, OSError, EOFError) as e:
-        raise ModelFileError(f"{path}: not a readable .npz of plain arrays ({e})") from None
+    """The reference arrays of ``path`` (.npz), validated; read without unpickling anything.
+
+    Returns a dict with ``input_ids`` [T] (integer), ``logits`` [T, V] (finite, not all zero)
+    and, if present, ``hidden_states`` [L+1, T, D] and ``context_positions`` [C] (distinct,
+    in [0, T)), plus any extra keys as stored. Raises ``ModelFileError`` naming the problem.
+    """
+    path = Path(path)
+    ref = _read_npz(path)
     for k in ("input_ids", "logits"):
         if k not in ref:
-            raise ModelFileError(f"{path}: missing key {k!r}")
+            raise ModelFileError(f"{path}: missing key {k!r} (keys: {sorted(ref)})")
+    _check(path, "input_ids", ref["input_ids"], 1, "iu")
+    _check(path, "logits", ref["logits"], 2, "f")
     ids, lg = ref["input_ids"], ref["logits"]
-    if ids.ndim != 1 or lg.ndim != 2 or lg.shape[0] != ids.shape[0]:
+    if ids.shape[0] == 0 or lg.shape[0] != ids.shape[0] or lg.shape[1] == 0:
         raise ModelFileError(f"{path}: input_ids {ids.shape} and logits {lg.shape} do not fit [T], [T, V]")
+    if not np.any(lg):
+        raise ModelFileError(f"{path}: logits are all zero: no scale to measure relative errors")
     hs = ref.get("hidden_states")
-    if hs is not None and (hs.ndim != 3 or hs.shape[1] != ids.shape[0]):
-        raise ModelFileError(f"{path}: hidden_states {hs.shape} is not [L+1, T, D]")
+    if hs is not None:
+        _check(path, "hidden_states", hs, 3, "f")
+        if hs.shape[0] == 0 or hs.shape[1] != ids.shape[0] or hs.shape[2] == 0:
+            raise ModelFileError(f"{path}: hidden_states {hs.shape} is not [L+1, T, D] with T = {ids.shape[0]}")
+        zero = [i for i in range(hs.shape[0]) if not np.any(hs[i])]
+        if zero:
+            raise ModelFileError(f"{path}: hidden_states[{zero[0]}] is all zero: no scale for relative errors")
+    cp = ref.get("context_positions")
+    if cp is not None:
+        _check(path, "context_positions", cp, 1, "iu")
+        if cp.size and (cp.min() < 0 or cp.max() >= ids.shape[0]):
+            raise ModelFileError(f"{path}: context_positions must lie in [0, {ids.shape[0]}), got "
+                                 f"[{cp.min()}, {cp.max()}]")
+        if np.unique(cp).size != cp.size:
+            raise ModelFileError(f"{path}: context_positions contain duplicates")
     return ref
 
 
@@ -73,8 +152,9 @@ def audit(path, reference, rtol=1e-9, dtype="float64", method="auto", window_by=
            "absorb_max_rel_err_reference": None, "unpatched_max_rel_err": None}
     hs = ref.get("hidden_states")
     if hs is not None:
-        if hs.shape[0] != model.cfg.n_layers + 1:
-            raise ModelFileError(f"hidden_states has {hs.shape[0]} entries, the model {model.cfg.n_layers + 1}")
+        if hs.shape[0] != model.cfg.n_layers + 1 or hs.shape[2] != model.cfg.d_model:
+            raise ModelFileError(f"reference hidden_states {hs.shape} do not fit the model: [L+1, T, D] = "
+                                 f"[{model.cfg.n_layers + 1}, {ids.shape[0]}, {model.cfg.d_model}]")
         errs = [_rel(to_numpy(ours), h.astype(np.float64)) for ours, h in zip(tr["hidden_states"], hs)]
         out["hidden_state_rel_errs"] = errs
         bad = [i for i, e in enumerate(errs) if e > rtol]
@@ -94,15 +174,21 @@ def audit(path, reference, rtol=1e-9, dtype="float64", method="auto", window_by=
     return out
 
 
+def _where(i, n):
+    """What hidden_states[i] of n entries is, in the HF layout."""
+    return "embeddings" if i == 0 else "after the final norm" if i == n - 1 else f"output of decoder layer {i - 1}"
+
+
 def format_report(r):
+    """The audit result ``r`` as a short human-readable report (str)."""
     f = lambda v: "-" if v is None else (f"{v:.3e}" if isinstance(v, float) else str(v))
     lines = [f"audit of {r['path']} ({r['arch']}, {r['dtype']}, rtol {r['rtol']:g})",
              f"  logits: max abs err {f(r['logits_max_abs_err'])}, max rel err {f(r['logits_max_rel_err'])}"]
-    if r["hidden_state_rel_errs"] is not None:
-        lines.append("  hidden states (rel err): " + " ".join(f"{i}:{e:.1e}" for i, e in enumerate(r["hidden_state_rel_errs"])))
+    errs = r["hidden_state_rel_errs"]
+    if errs is not None:
+        lines.append("  hidden states (rel err): " + " ".join(f"{i}:{e:.1e}" for i, e in enumerate(errs)))
         fd = r["first_divergent_layer"]
-        lines.append("  first divergent layer: " + ("none" if fd is None else
-                     f"{fd} ({'embeddings' if fd == 0 else 'after the final norm' if fd == len(r['hidden_state_rel_errs']) - 1 else f'output of decoder layer {fd - 1}'})"))
+        lines.append("  first divergent layer: " + ("none" if fd is None else f"{fd} ({_where(fd, len(errs))})"))
     if r["absorb_max_rel_err_self"] is not None:
         lines.append(f"  theorem at kept positions {r['kept_positions']} ({'/'.join(sorted(set(r['methods'])))}):")
         lines.append(f"    patched vs our with-context logits: {f(r['absorb_max_rel_err_self'])}")
@@ -113,6 +199,7 @@ def format_report(r):
 
 
 def add_parser(sub):
+    """Register the ``audit`` subcommand on the argparse subparsers ``sub``."""
     p = sub.add_parser("audit", help="compare a checkpoint with reference logits and check the theorem on it")
     p.add_argument("path", help="Hugging Face checkpoint folder or .gguf file")
     p.add_argument("--reference", required=True, help=".npz with input_ids, logits[, hidden_states, context_positions]")
@@ -126,9 +213,10 @@ def add_parser(sub):
 
 
 def run(args):
+    """Run the ``audit`` subcommand: exit status 0 if ok, 1 if not ok, 2 on a bad model or reference."""
     try:
         r = audit(Path(args.path), Path(args.reference), args.rtol, args.dtype, args.method, args.window_by)
-    except (ModelFileError, FileNotFoundError, ValueError) as e:
+    except (MinipatchError, OSError, ValueError) as e:
         if args.json:
             print(json.dumps({"ok": False, "error": f"{type(e).__name__}: {e}"}))
         else:

@@ -47,21 +47,15 @@ _SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _SMOLLM2_BYTES = 98362432
 
 # GGUF per-layer tensor stem -> HF name under model.layers.{i}.
-_COMMON = {
-    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj",
-    "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj",
-    "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
-    "attn_norm": "input_layernorm",
-}
+_COMMON = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+           "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+           "ffn_down": "mlp.down_proj", "attn_norm": "input_layernorm"}
 _LAYER_NAMES = {
     "gemma3": {**_COMMON, "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm",
                "post_attention_norm": "post_attention_layernorm",
-               "ffn_norm": "pre_feedforward_layernorm",
-               "post_ffw_norm": "post_feedforward_layernorm"},
+               "ffn_norm": "pre_feedforward_layernorm", "post_ffw_norm": "post_feedforward_layernorm"},
     "llama": {**_COMMON, "ffn_norm": "post_attention_layernorm"},
 }
-_GLOBAL_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm",
-                 "output": "lm_head"}
 
 
 def _import_gguf():
@@ -112,9 +106,7 @@ def _field_value(gguf, field):
         return [bytes(field.parts[i]).decode("utf-8") for i in field.data]
     if sub == t.ARRAY:
         raise ModelFileError(f"nested array in metadata key {field.name!r} is not supported")
-    if not field.data:
-        return np.zeros(0)
-    return np.concatenate([field.parts[i] for i in field.data])
+    return np.concatenate([field.parts[i] for i in field.data]) if field.data else np.zeros(0)
 
 
 def _metadata(gguf, reader, path):
@@ -137,60 +129,57 @@ def read_gguf_metadata(path) -> dict:
     return _metadata(gguf, reader, path)
 
 
-def _need(meta, key, kind=(int,)):
-    value = meta.get(key)
+def _num(meta, key, default=None, kind=int):
+    """A positive int (or float, kind=float) metadata value; ``default`` if absent."""
+    value = meta.get(key, default)
     if value is None:
         raise ModelFileError(f"GGUF metadata lacks {key!r}")
-    if isinstance(value, bool) or not isinstance(value, kind):
-        raise ModelFileError(f"GGUF metadata {key!r} has bad type {type(value).__name__}")
-    if kind == (int,) and value <= 0:
-        raise ModelFileError(f"GGUF metadata {key!r} = {value} must be positive")
-    return value
+    ok = (int,) if kind is int else (int, float)
+    if isinstance(value, bool) or not isinstance(value, ok) or not 0 < value < float("inf"):
+        raise ModelFileError(f"GGUF metadata {key!r} = {value!r} is not a positive {kind.__name__}")
+    return kind(value)
 
 
 def _hf_config(meta, tensor_names) -> dict:
     """The HF config.json dict of a gemma3 or llama GGUF (see the module docstring)."""
     arch = meta.get("general.architecture")
-    if arch not in _LAYER_NAMES:
+    if not isinstance(arch, str) or arch not in _LAYER_NAMES:
         raise UnsupportedArchitectureError(
             f"GGUF architecture {arch!r} is not supported (supported: {sorted(_LAYER_NAMES)})")
     p = arch + "."
-    scaling = meta.get(p + "rope.scaling.type")
-    if scaling not in (None, "none"):
+    scaling = meta.get(p + "rope.scaling.type", "none")
+    if not isinstance(scaling, str) or scaling != "none":
         raise UnsupportedArchitectureError(f"rope scaling {scaling!r} is not supported")
-    n_layers = _need(meta, p + "block_count")
-    d_model = _need(meta, p + "embedding_length")
-    n_heads = _need(meta, p + "attention.head_count")
-    n_kv = meta.get(p + "attention.head_count_kv", n_heads)
-    d_head = meta.get(p + "attention.key_length", d_model // n_heads)
-    if meta.get(p + "attention.value_length", d_head) != d_head:
+    n_layers = _num(meta, p + "block_count")
+    if n_layers > len(tensor_names):
+        raise ModelFileError(f"block_count {n_layers} exceeds the {len(tensor_names)} tensors stored")
+    d_model, n_heads = _num(meta, p + "embedding_length"), _num(meta, p + "attention.head_count")
+    n_kv = _num(meta, p + "attention.head_count_kv", n_heads)
+    d_head = _num(meta, p + "attention.key_length", max(d_model // n_heads, 1))
+    if n_heads % n_kv or d_head % 2:
+        raise ModelFileError(f"bad attention shape: {n_heads} heads, {n_kv} kv heads, head_dim {d_head}")
+    if _num(meta, p + "attention.value_length", d_head) != d_head:
         raise ModelFileError("attention.value_length != key_length is not supported")
-    if meta.get(p + "rope.dimension_count", d_head) != d_head:
+    if _num(meta, p + "rope.dimension_count", d_head) != d_head:
         raise UnsupportedArchitectureError("partial rotary embeddings are not supported")
     tokens = meta.get("tokenizer.ggml.tokens")
-    vocab = meta.get(p + "vocab_size", len(tokens) if tokens is not None else None)
     cfg = {
-        "vocab_size": vocab,
+        "vocab_size": _num(meta, p + "vocab_size", len(tokens) if isinstance(tokens, list) else None),
         "hidden_size": d_model,
-        "intermediate_size": _need(meta, p + "feed_forward_length"),
+        "intermediate_size": _num(meta, p + "feed_forward_length"),
         "num_hidden_layers": n_layers,
         "num_attention_heads": n_heads,
         "num_key_value_heads": n_kv,
         "head_dim": d_head,
-        "rms_norm_eps": _need(meta, p + "attention.layer_norm_rms_epsilon", (float,)),
-        "max_position_embeddings": meta.get(p + "context_length", 2048),
+        "rms_norm_eps": _num(meta, p + "attention.layer_norm_rms_epsilon", kind=float),
+        "max_position_embeddings": _num(meta, p + "context_length", 2048),
         "tie_word_embeddings": "output.weight" not in tensor_names,
         "attention_bias": False,
         "bos_token_id": meta.get("tokenizer.ggml.bos_token_id"),
         "eos_token_id": meta.get("tokenizer.ggml.eos_token_id"),
         "pad_token_id": meta.get("tokenizer.ggml.padding_token_id"),
     }
-    for k in ("vocab_size", "num_key_value_heads", "head_dim", "max_position_embeddings"):
-        if isinstance(cfg[k], bool) or not isinstance(cfg[k], int) or cfg[k] <= 0:
-            raise ModelFileError(f"GGUF metadata gives bad or missing {k}: {cfg[k]!r}")
-    if n_heads % n_kv:
-        raise ModelFileError(f"head_count {n_heads} is not a multiple of head_count_kv {n_kv}")
-    theta = float(meta.get(p + "rope.freq_base", 10000.0))
+    theta = _num(meta, p + "rope.freq_base", 10000.0, kind=float)
     if arch == "llama":
         return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", **cfg,
                 "hidden_act": "silu", "mlp_bias": False,
@@ -201,7 +190,7 @@ def _hf_config(meta, tensor_names) -> dict:
             "rope_parameters": {
                 "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
                 "full_attention": {"rope_type": "default", "rope_theta": theta}},
-            "sliding_window": _need(meta, p + "attention.sliding_window"),
+            "sliding_window": _num(meta, p + "attention.sliding_window"),
             "_sliding_window_pattern": pattern,
             "layer_types": ["full_attention" if (i + 1) % pattern == 0 else "sliding_attention"
                             for i in range(n_layers)],
@@ -266,7 +255,10 @@ def read_gguf(path, dtype=np.float64) -> tuple[dict, dict[str, np.ndarray], dict
         if got != shape:
             raise ModelFileError(f"{path}: tensor {name} has shape {got}, config implies {shape}")
         try:
-            w = gguf.quants.dequantize(t.data, t.tensor_type).reshape(shape)
+            if t.tensor_type == gguf.GGMLQuantizationType.F64:
+                w = np.asarray(t.data).reshape(shape)  # not handled by dequantize
+            else:
+                w = gguf.quants.dequantize(t.data, t.tensor_type).reshape(shape)
         except NotImplementedError as e:
             raise ModelFileError(f"{path}: tensor {name} uses unsupported type {t.tensor_type.name}") from e
         except Exception as e:
@@ -279,7 +271,6 @@ def read_gguf(path, dtype=np.float64) -> tuple[dict, dict[str, np.ndarray], dict
             heads = cfg["num_attention_heads"] if ".attn_q." in name else cfg["num_key_value_heads"]
             w = _unpermute(w, heads)
         tensors[hf_name] = np.ascontiguousarray(w, dtype=dtype)
-        del w
     return cfg, tensors, meta
 
 
