@@ -101,12 +101,14 @@ def greedy(model, tokens, n_new, context=None, method="auto", callback=None, win
     out, rows = [], []
     for step in range(n_new):
         if context is None:
-            logits = model.forward(seq)[-1]
+            hidden = model.run(seq, head=False, window_by=window_by)
         else:
             T = len(seq)
             ctx = np.arange(T - 1) if isinstance(context, str) and context == "all_but_last" else context
             res = absorb(model, seq, ctx, method=method, window_by=window_by)
-            logits = patched_forward(model, seq, res, window_by=window_by)[-1]
+            kept = np.asarray(seq)[res.kept]
+            hidden = model.run(kept, positions=res.kept, patches=res.patches, head=False, window_by=window_by)
+        logits = model.logits(hidden[-1:, ...])[0, ...]      # only the last row of the head
         row = to_numpy(logits)
         nxt = int(np.argmax(row))
         rows.append(np.asarray(row))

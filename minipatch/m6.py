@@ -61,10 +61,17 @@ def m6c(s, eps, h_ctx, m_ctx, delta, *, down, norm):
     y* = argmin ||s * y - t||^2 subject to mean(y^2) = 1 (see :func:`trust_region`),
     rho = rms(m^C). Coordinates where rms_unit(rho y*) is zero carry zero residual, so their
     scale patch is 0; a nonzero residual there has no witness (NotControllableError).
+
+    Where a multiplier entry s_i is exactly 0 (real Gemma 3 270M has such entries in its
+    post-FFW norms), MATH.md's objective ignores y_i and its minimiser puts y_i = 0, so no
+    elementwise scale could reach t_i != 0. We solve the trust region with those s_i
+    replaced by 1 (y_i then follows t_i); the elementwise scale still absorbs the exact
+    residual, so the construction stays exact.
     """
     xp = namespace(m_ctx)
     t = s * rms_unit(m_ctx, eps) + delta
-    y = trust_region(s, t)
+    s_solve = xp.where(s == 0, xp.ones_like(s), s)
+    y = trust_region(s_solve, t)
     rho = xp.sqrt(xp.mean(m_ctx * m_ctx, axis=-1, keepdims=True))
     h_star = rho * y
     r = rms_unit(h_star, eps)
@@ -72,8 +79,7 @@ def m6c(s, eps, h_ctx, m_ctx, delta, *, down, norm):
     zero = r == 0
     stuck = zero & (resid != 0)
     if bool(xp.any(stuck)):
-        first_bad(stuck, resid, "residual on a zero coordinate of rms_unit(h*)",
-                  hint="happens where 1 + g = 0; use m6a")
+        first_bad(stuck, resid, "residual on a zero coordinate of rms_unit(h*)", hint="use m6a")
     one = xp.ones_like(r)
     dg = xp.where(zero, xp.zeros_like(r), resid / xp.where(zero, one, r))
     return {down: m2(h_ctx, h_star - m_ctx, quantity="||h^C||^2"), norm: Scale(add=dg)}

@@ -200,7 +200,7 @@ def _cat(rows):
     return namespace(rows[0]).concat(rows, axis=0)
 
 
-def condense(model, context, queries, method="m6b", ridge=0.0):
+def condense(model, context, queries, method="auto", ridge=0.0):
     """Condense the patches of ``context`` over calibration ``queries`` (MATH.md section 6).
 
     For each query q the sequence context + q is absorbed (M7) with context = the first
@@ -214,8 +214,8 @@ def condense(model, context, queries, method="m6b", ridge=0.0):
     Args:
       model: any :class:`~minipatch.model.Model`. context: int tokens [n].
       queries: list of int token lists (the kept tokens follow the context).
-      method: outer construction for :func:`~minipatch.absorb` ('m6b' for Gemma: most of the
-        change goes into W_down, one scalar per token into the norm).
+      method: outer construction for :func:`~minipatch.absorb` ("auto": M6c for Gemma, where most of the
+        change goes into W_down and an elementwise residual into the norm scale).
       ridge: ridge of every thought matrix.
     Returns:
       :class:`Condensed`.
@@ -335,7 +335,7 @@ def evaluate(model, context, queries, other):
     return dict(kl=kl / cnt, top1=t1 / cnt, kl_base=kl0 / cnt, top1_base=t10 / cnt, n_tokens=cnt)
 
 
-def condensation_curve(model, context, calib, heldout, sizes, method="m6b", ridge=0.0):
+def condensation_curve(model, context, calib, heldout, sizes, method="auto", ridge=0.0):
     """Held-out KL / top-1 of the condensed model as the calibration set grows.
 
     Args:
@@ -362,7 +362,7 @@ def condensation_curve(model, context, calib, heldout, sizes, method="m6b", ridg
 
 # ---- real models (wired by the lead once the GGUF loader lands) ---------------------------
 
-def persona_experiment(model, encode, persona, train_questions, test_questions, method="m6b", ridge=0.0):
+def persona_experiment(model, encode, persona, train_questions, test_questions, method="auto", ridge=0.0):
     """Condense a persona context into dense patches and test it on new questions.
 
     Args:

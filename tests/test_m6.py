@@ -176,12 +176,28 @@ def test_m6a_zero_coordinate_and_auto(gemma64):
     assert "u^C" in e.value.quantity and e.value.position == 0
     name, _ = construct("auto", s, 1e-6, h, m, delta, down="d", norm="n")
     assert name == "m6c"
-    # and where M6c and M6b have no witness (1 + g = 0 with a residual there), auto falls to M6a
-    s0 = s.copy()
-    s0[1] = 0.0
-    W2 = rng.standard_normal((D, F))
-    name, patch = construct("auto", s0, 1e-6, h, h @ W2.T, delta, down="d", norm="n")
-    assert name == "m6a"
+
+
+
+def test_m6c_with_zero_multiplier_entries():
+    """1 + g = 0 at some coordinates (as in real Gemma 3 270M's post-FFW norms, layers 1, 3, 4):
+    M6b has no witness, M6c (solving with those s_i replaced by 1) and M6a stay exact."""
+    from minipatch.m6 import construct, m6b, m6c
+    from minipatch.ops import rms_unit
+
+    rng = np.random.default_rng(10)
+    T, D, F = 4, 8, 12
+    s = np.exp(0.3 * rng.standard_normal(D))
+    s[[1, 5]] = 0.0
+    h, W = rng.standard_normal((T, F)), rng.standard_normal((D, F))
+    m, delta = h @ W.T, rng.standard_normal((T, D))       # delta != 0 where s = 0
+    t = s * rms_unit(m, 1e-6) + delta
+    pc = m6c(s, 1e-6, h, m, delta, down="d", norm="n")
+    out = pc["n"].multiplier(s) * rms_unit(pc["d"].apply(h, m), 1e-6)
+    assert rel_err(out, t) <= TOL64_BLOCK
+    with pytest.raises(NotControllableError):
+        m6b(s, 1e-6, h, m, delta, down="d", norm="n")
+    assert construct("auto", s, 1e-6, h, m, delta, down="d", norm="n")[0] == "m6c"
 
 
 def test_m6b_needs_nonzero_multiplier():
