@@ -16,9 +16,7 @@ def host_ints(x, what):
         raise InputError(f"{what}: cannot read as integers ({e})") from None
     if a.ndim != 1:
         raise ShapeError(f"{what} must be 1-D, got shape {a.shape}")
-    if a.size and not np.issubdtype(a.dtype, np.integer):
-        if np.issubdtype(a.dtype, np.floating) and np.all(np.isfinite(a)) and np.all(a == np.round(a)):
-            raise ShapeError(f"{what} must have an integer dtype, got {a.dtype}")
+    if a.size and not np.issubdtype(a.dtype, np.integer):   # floats are refused even if whole
         raise ShapeError(f"{what} must have an integer dtype, got {a.dtype}")
     return a.astype(np.int64)
 

@@ -192,12 +192,9 @@ def test_bad_input():
 
 
 @pytest.mark.real
-def test_real_few_shot(request):
-    """Real Gemma 3 270M: a few-shot prompt consumed example by example (lead wires real_gemma)."""
-    try:
-        model, encode = request.getfixturevalue("real_gemma")
-    except pytest.FixtureLookupError:
-        pytest.skip("needs the real_gemma fixture (model, encode)")
+def test_real_few_shot(real_gemma):
+    """Real Gemma 3 270M: a few-shot prompt consumed example by example."""
+    model, encode = real_gemma
     from minipatch.dynamics import few_shot_dynamics
 
     ex = [f"Q: {a}+{b}? A: {a + b}\n" for a, b in [(2, 3), (4, 1), (3, 3), (5, 2)]]

@@ -159,12 +159,9 @@ def test_condensation_curve_shapes():
 
 
 @pytest.mark.real
-def test_real_persona(request):
+def test_real_persona(real_gemma):
     """Real Gemma 3 270M: a persona condensed into dense patches, tested on new questions."""
-    try:
-        model, encode = request.getfixturevalue("real_gemma")
-    except pytest.FixtureLookupError:
-        pytest.skip("needs the real_gemma fixture (model, encode)")
+    model, encode = real_gemma
     from minipatch.thought import persona_experiment
 
     out = persona_experiment(model, encode, "You are a pirate. Answer like a pirate.\n",
