@@ -7,7 +7,7 @@ where ``u^C = rms_unit(m^C)`` and ``m^C = h^C W_down^T``. Each function returns 
 part of a layer patch: ``{down: Rank1 or absent, norm: Scale}``.
 
   m6a  the paper's construction (Goldwaser et al. 2025): elementwise scale only,
-       dg = delta / u^C; needs every coordinate of u^C nonzero.
+       dg = delta / u^C; needs every coordinate of u^C nonzero (above machine epsilon).
   m6b  M2 on W_down so it outputs v_t = t / s, then one scalar per token,
        s -> s * sqrt(mean(v_t^2) + eps); needs h^C != 0 and every s_i != 0.
   m6c  the stable variant: W_down outputs rho * y*, y* the trust-region minimiser of
@@ -36,7 +36,9 @@ def m6a(s, eps, h_ctx, m_ctx, delta, *, down, norm):
     """
     xp = namespace(m_ctx)
     u = rms_unit(m_ctx, eps)
-    zero = u == 0
+    # u is unit-RMS: a coordinate at or below machine epsilon is zero to rounding, and
+    # dividing by it would give a scale patch of 1/eps or more (no witness in finite precision)
+    zero = xp.abs(u) <= xp.finfo(u.dtype).eps
     if bool(xp.any(zero)):
         first_bad(zero, u, "u^C coordinate", hint="M6a divides by every coordinate; use m6b or m6c")
     return {norm: Scale(add=delta / u)}
@@ -124,9 +126,10 @@ def trust_region(s, t, iters=60):
         step = xp.where(hard | (phi == 0), xp.zeros_like(mu), f / fp)
         new = xp.clip(mu - step, lo, None)
         new = xp.where(new >= m, (mu + m) / 2, new)
-        if not bool(xp.any(new != mu)):
-            break
+        moving = (new != mu) & (xp.abs(f) > 16 * xp.finfo(xp.float64).eps)
         mu = new
+        if not bool(xp.any(moving)):
+            break
     d = s2[None, :] - mu[:, None]
     y = s64 * t64 / xp.where(d == 0, xp.ones_like(d), d)
 
