@@ -351,12 +351,14 @@ assert os.path.getsize(path) > 0
 # ### Near zeros and exact zeros
 #
 # First a *near* zero: project the last token's hidden off the first row of `W_down`, so that
-# `m^C_0` is zero up to rounding (~1e-16). M6a does not refuse — the coordinate is not exactly
-# zero — and returns a scale patch of order 1e15. Evaluated on exactly the `h^C` it was built
-# from, the patch is still exact (the same rounding happens twice). But the patched model
-# recomputes `h^C` through the patched gate/up projections, which reproduce it only to rounding;
-# we emulate that with a relative perturbation of 1e-13 and measure with the executable
-# definition of output controllability, max |g'(h) − (g(h) + δ)|.
+# `m^C_0` is zero up to rounding (~1e-16). M6a's division `δ / u^C` would give a scale patch of
+# order 1e15 there. Evaluated on exactly the `h^C` it was built from, that patch is still exact
+# (the same rounding happens twice); but the patched model recomputes `h^C` through the patched
+# gate/up projections, which reproduce it only to rounding. We emulate that with a relative
+# perturbation of 1e-13 and measure with the executable definition of output controllability,
+# max |g'(h) − (g(h) + δ)|. Because of this, `m6a` treats a unit-RMS coordinate at or below
+# machine epsilon as zero and raises `NotControllableError`; below we build the naive patch by
+# hand to show what it would have done.
 
 # %%
 w0 = lp["down_proj.weight"][0]
@@ -366,8 +368,18 @@ m_near = linear(lp, "down_proj", h_near)
 print(f"m^C[-1, 0] = {m_near[-1, 0]:.1e}")
 h_pert = h_near * (1 + 1e-13 * rng.standard_normal(h_near.shape))   # h^C up to rounding
 target = spec.outer.forward(lp, h_near, cfg) + delta
-gaps = {}
-for meth in METHODS:
+try:
+    check_output_controllable(spec.outer, lp, cfg, h_near, delta, "m6a")
+    refused = None
+except NotControllableError as e:
+    refused = e
+    print("m6a:", e)
+assert refused is not None and refused.position == h_near.shape[0] - 1 and abs(refused.value) < 1e-15
+naive = {"mlp_post_norm.weight": Scale(add=delta / rms_unit(m_near, cfg.norm_eps))}   # M6a by hand
+gaps = {"m6a (naive)": float(np.max(np.abs(spec.outer.forward(lp, h_pert, cfg, naive) - target)))}
+print(f"  m6a (naive): max |multiplier change| {np.max(np.abs(naive['mlp_post_norm.weight'].add)):9.3g}"
+      f"   on h^C(1 + 1e-13 noise) {gaps['m6a (naive)']:.1e}")
+for meth in ("m6b", "m6c"):
     gap_same, patch = check_output_controllable(spec.outer, lp, cfg, h_near, delta, meth)
     gaps[meth] = float(np.max(np.abs(spec.outer.forward(lp, h_pert, cfg, patch) - target)))
     sc = patch["mlp_post_norm.weight"]
@@ -375,7 +387,7 @@ for meth in METHODS:
           f"error on h^C itself {gap_same:.1e}   on h^C(1 + 1e-13 noise) {gaps[meth]:.1e}")
     assert gap_same <= 1e-12
 assert abs(m_near[-1, 0]) < 1e-12
-assert gaps["m6a"] > 1e-3 and gaps["m6b"] <= 1e-11 and gaps["m6c"] <= 1e-11
+assert gaps["m6a (naive)"] > 1e-3 and gaps["m6b"] <= 1e-11 and gaps["m6c"] <= 1e-11
 
 # %% [markdown]
 # An *exact* zero: a layer whose `W_down` has a zero row (a dead output unit, as pruning leaves
