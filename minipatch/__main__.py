@@ -3,6 +3,7 @@
     python -m minipatch                  # all checks, table per construction and dtype, figure
     python -m minipatch --quick          # the Gemma checks only
     python -m minipatch audit PATH --reference REF.npz [--json] [--rtol R]
+    python -m minipatch experiment [--n-new 20] [--prompts 1,2] [--json out.json] [--figure F]
 
 Exits non-zero if any check fails.
 """
@@ -50,6 +51,9 @@ def main(argv=None):
         add_audit = None
     if add_audit is not None:
         add_audit(sub)
+    from .experiment import add_parser as add_experiment
+
+    add_experiment(sub)
     args = parser.parse_args(argv)
     if args.cmd is None:
         return check_main(args)

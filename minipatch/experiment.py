@@ -1,0 +1,334 @@
+"""The generation experiment of Goldwaser et al. 2025, section 4, on a real model (MATH.md M6, M7).
+
+For each prompt: greedy decoding of ``n_new`` tokens by the model *with* the whole
+sequence as context (the reference), versus greedy decoding by the *patched* model that
+sees only the current token at its absolute position (``context='all_but_last'``): at
+every step the whole prefix is absorbed into token-dependent weight patches (M7), with the
+post-FFW norm witness M6a (elementwise scale patch) or M6c (scalar scale plus residual).
+Both runs are free-running: each continues from its own tokens. Reported per step, while
+the two sequences still agree (up to and including the first step whose tokens differ,
+whose logits are still computed from identical prefixes):
+
+- ``abs_err``: max over the vocabulary of |patched - with-context| logits;
+- ``rel_err``: the same divided by max |with-context logits|;
+- token agreement: ``first_divergence`` (the first step whose tokens differ, None if none),
+  ``prefix_agree`` (steps before it) and ``agree`` (positions with equal tokens).
+
+The reference run is computed once per prompt and dtype and shared by the methods.
+
+Dtypes:
+
+- ``float64``: the model as loaded in float64, every computation in float64.
+- ``float32``: the same weights cast to float32, every computation in float32.
+- ``bfloat16`` (simulated, via ``ml_dtypes``): every stored parameter (embedding, norm
+  multipliers as stored, projections) rounded to the nearest bfloat16 (round to nearest
+  even) and kept as float32; every patch factor (Rank1 ``u`` and ``v``, Shift ``d``, Scale
+  ``add`` and ``mul``) rounded to bfloat16 the same way after ``absorb`` and before the
+  patched forward; all arithmetic (forward, absorb, attention, norms) in float32. The
+  reference is the with-context model with the same bf16-rounded weights, computed in
+  float32. Only weights and patches are bf16: activations are not rounded, so this isolates
+  the error of storing the patches in bf16.
+
+CLI (registered by :func:`add_parser`)::
+
+    python -m minipatch experiment [--n-new 20] [--prompts 1,2] [--json out.json]
+        [--figure figures/experiment_generation.png] [--dtypes float32,float64,bfloat16]
+        [--methods m6a,m6c]
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .absorb import absorb, greedy
+from .backend import to_numpy
+from .errors import MinipatchError
+from .patches import Patches, Rank1, Scale, Shift
+
+DTYPES = ("float32", "float64", "bfloat16")
+METHODS = ("m6a", "m6c")
+
+
+# ---- simulated bfloat16 --------------------------------------------------------------------
+
+def bf16_round(a):
+    """``a`` rounded to the nearest bfloat16 (ties to even), returned as float32 (same shape)."""
+    import ml_dtypes
+
+    return np.asarray(to_numpy(a), dtype=np.float32).astype(ml_dtypes.bfloat16).astype(np.float32)
+
+
+def round_params(params, fn=bf16_round):
+    """A copy of a parameter dict (nested: 'layers' list of dicts) with ``fn`` applied to every array."""
+    out = {k: fn(v) for k, v in params.items() if k != "layers"}
+    out["layers"] = [{k: fn(v) for k, v in lp.items()} for lp in params["layers"]]
+    return out
+
+
+def round_patches(patches, fn=bf16_round):
+    """A copy of :class:`Patches` with every factor (u, v, d, add, mul) passed through ``fn``."""
+    def one(p):
+        if isinstance(p, Rank1):
+            return Rank1(fn(p.u), fn(p.v))
+        if isinstance(p, Shift):
+            return Shift(fn(p.d))
+        if isinstance(p, Scale):
+            return Scale(None if p.add is None else fn(p.add), None if p.mul is None else fn(p.mul))
+        raise TypeError(f"unknown patch type {type(p).__name__}")
+
+    layers = tuple({k: one(p) for k, p in lp.items()} for lp in patches.layers)
+    return Patches(layers, patches.positions, patches.methods)
+
+
+def model_for(model64, dtype):
+    """(model, patch rounding function or None) for 'float64', 'float32' or 'bfloat16'."""
+    from .model import Model
+
+    if dtype == "float64":
+        return model64, None
+    if dtype == "float32":
+        return model64.astype("float32"), None
+    if dtype == "bfloat16":
+        return Model(model64.cfg, round_params(model64.params)), bf16_round
+    raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
+
+
+# ---- the two runs ----------------------------------------------------------------------------
+
+def patched_greedy(model, tokens, n_new, method, round_fn=None, callback=None):
+    """Greedy decoding by the patched model that sees only the current token (M7, 'all_but_last').
+
+    Same as ``minipatch.greedy(model, tokens, n_new, context='all_but_last', method=method)``,
+    with the patches passed through ``round_fn`` (e.g. :func:`bf16_round`) before the forward.
+
+    Returns:
+      (ids int64 [n_new], last-position logits numpy [n_new, V]).
+    """
+    if round_fn is None:
+        return greedy(model, tokens, n_new, context="all_but_last", method=method, callback=callback)
+    seq = [int(t) for t in tokens]
+    out, rows = [], []
+    for step in range(n_new):
+        res = absorb(model, seq, np.arange(len(seq) - 1), method=method)
+        patches = round_patches(res.patches, round_fn)
+        kept = np.asarray(seq, dtype=np.int64)[res.kept]
+        hidden = model.run(kept, positions=res.kept, patches=patches, head=False)
+        row = np.asarray(to_numpy(model.logits(hidden[-1:, ...])[0, ...]))
+        nxt = int(np.argmax(row))
+        rows.append(row)
+        out.append(nxt)
+        seq.append(nxt)
+        if callback is not None:
+            callback(step, nxt)
+    return np.asarray(out, dtype=np.int64), np.stack(rows)
+
+
+def compare(ref_ids, ref_rows, ids, rows):
+    """Per-step errors up to the first divergence, and the token agreement counts."""
+    diff = np.flatnonzero(ref_ids != ids)
+    first = int(diff[0]) if diff.size else None
+    upto = len(ref_ids) if first is None else first + 1
+    scale = np.max(np.abs(ref_rows[:upto]), axis=-1)
+    abs_err = np.max(np.abs(rows[:upto].astype(np.float64) - ref_rows[:upto]), axis=-1)
+    return dict(abs_err=abs_err.tolist(), rel_err=(abs_err / scale).tolist(), first_divergence=first,
+                prefix_agree=len(ref_ids) if first is None else first,
+                agree=int(np.sum(ref_ids == ids)), tokens=ids.tolist())
+
+
+class _Progress:
+    """tqdm if installed, else a counter on stderr."""
+
+    def __init__(self, total, enabled):
+        self.total, self.n, self.bar = total, 0, None
+        self.enabled = enabled
+        if enabled:
+            try:
+                from tqdm import tqdm
+
+                self.bar = tqdm(total=total, desc="experiment", unit="step", file=sys.stderr)
+            except ImportError:
+                pass
+
+    def step(self, label=""):
+        self.n += 1
+        if self.bar is not None:
+            self.bar.set_postfix_str(label, refresh=False)
+            self.bar.update(1)
+        elif self.enabled:
+            print(f"\r[{self.n}/{self.total}] {label}", end="", file=sys.stderr, flush=True)
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+        elif self.enabled:
+            print(file=sys.stderr)
+
+
+def run_experiment(model64, tokenizer, prompts, n_new=20, dtypes=DTYPES, methods=METHODS, progress=True):
+    """The section-4 experiment: with-context greedy vs patched greedy with only the current token.
+
+    Args:
+      model64: the model in float64 (other dtypes are derived from it, see the module docstring).
+      tokenizer: from :func:`minipatch.io.tokenizer.tokenizer_from_gguf` (BOS is prepended).
+      prompts: list of prompt texts.
+      n_new: new tokens per prompt. dtypes: subset of ('float32', 'float64', 'bfloat16').
+      methods: post-FFW norm witnesses to compare ('m6a', 'm6b', 'm6c', 'auto').
+      progress: show a progress bar on stderr.
+    Returns:
+      dict: ``runs`` (one entry per prompt x dtype x method, see :func:`compare`, plus the
+      reference tokens and texts), ``summary`` (per dtype and method: token agreement,
+      max and mean logit errors over the compared steps), ``seconds``, ``n_new``.
+    """
+    from .io.tokenizer import decode, encode
+
+    t0 = time.perf_counter()
+    toks = [np.asarray(encode(tokenizer, p), dtype=np.int64) for p in prompts]
+    bar = _Progress(len(prompts) * len(dtypes) * (1 + len(methods)) * n_new, progress)
+    runs = []
+    for dtype in dtypes:
+        model, round_fn = model_for(model64, dtype)
+        for k, (text, tok) in enumerate(zip(prompts, toks)):
+            lab = f"{dtype} prompt {k + 1}"
+            ref_ids, ref_rows = greedy(model, tok, n_new, callback=lambda s, t: bar.step(lab + " ref"))
+            ref_rows = ref_rows.astype(np.float64)
+            for m in methods:
+                entry = dict(prompt=k, text=text, dtype=dtype, method=m, ref_tokens=ref_ids.tolist(),
+                             ref_text=decode(tokenizer, ref_ids))
+                try:
+                    ids, rows = patched_greedy(model, tok, n_new, m, round_fn,
+                                                  callback=lambda s, t: bar.step(f"{lab} {m}"))
+                    entry.update(compare(ref_ids, ref_rows, ids, rows), text_patched=decode(tokenizer, ids),
+                                 error=None)
+                except MinipatchError as e:   # a witness that does not exist for this input
+                    entry.update(error=f"{type(e).__name__}: {e}", abs_err=[], rel_err=[], agree=0,
+                                 prefix_agree=0, first_divergence=0, tokens=[])
+                runs.append(entry)
+        del model
+    bar.close()
+    return dict(n_new=n_new, prompts=list(prompts), runs=runs, summary=summarize(runs, n_new),
+                seconds=time.perf_counter() - t0)
+
+
+def summarize(runs, n_new):
+    """Per (dtype, method): agree / prefix_agree out of n_prompts * n_new, max and mean errors."""
+    out = {}
+    for r in runs:
+        s = out.setdefault(f"{r['dtype']}/{r['method']}", dict(
+            dtype=r["dtype"], method=r["method"], agree=0, prefix_agree=0, total=0, abs=[], rel=[],
+            errors=0))
+        s["agree"] += r["agree"]
+        s["prefix_agree"] += r["prefix_agree"]
+        s["total"] += n_new
+        s["abs"] += r["abs_err"]
+        s["rel"] += r["rel_err"]
+        s["errors"] += r["error"] is not None
+    for s in out.values():
+        a, rl = np.asarray(s.pop("abs")), np.asarray(s.pop("rel"))
+        s.update(max_abs_err=float(a.max()) if a.size else None, mean_abs_err=float(a.mean()) if a.size else None,
+                 max_rel_err=float(rl.max()) if rl.size else None, mean_rel_err=float(rl.mean()) if rl.size else None)
+    return out
+
+
+def format_table(summary):
+    """Markdown table: per dtype x method, token agreement, max and mean logit error."""
+    lines = ["| dtype | method | tokens agree | agree before first divergence | max abs logit err | "
+             "mean abs logit err | max rel err |", "|---|---|---|---|---|---|---|"]
+    for s in summary.values():
+        f = (lambda v: "—" if v is None else f"{v:.2e}")
+        lines.append(f"| {s['dtype']} | {s['method'].upper()} | {s['agree']}/{s['total']} | "
+                     f"{s['prefix_agree']}/{s['total']} | {f(s['max_abs_err'])} | {f(s['mean_abs_err'])} | "
+                     f"{f(s['max_rel_err'])} |")
+    return "\n".join(lines)
+
+
+def plot(result, path):
+    """Per-step max |logit error| (log scale), one panel per dtype, one colour per method;
+    crosses mark the step where a prompt's tokens first disagree."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    dtypes = list(dict.fromkeys(r["dtype"] for r in result["runs"]))
+    methods = list(dict.fromkeys(r["method"] for r in result["runs"]))
+    fig, axes = plt.subplots(1, len(dtypes), figsize=(4.2 * len(dtypes), 3.4), squeeze=False)
+    colors = dict(zip(methods, ["C0", "C3", "C2", "C1"]))
+    for ax, dt in zip(axes[0], dtypes):
+        for r in (r for r in result["runs"] if r["dtype"] == dt):
+            e = np.maximum(np.asarray(r["abs_err"]), 1e-17)
+            c = colors[r["method"]]
+            lab = r["method"].upper() if r["prompt"] == 0 else None
+            ax.semilogy(np.arange(e.size), e, "-", color=c, alpha=0.7, lw=1, marker=".", ms=3, label=lab)
+            if r["first_divergence"] is not None and e.size:
+                ax.semilogy([r["first_divergence"]], [e[-1]], "x", color=c, ms=9, mew=2)
+        ax.set_title(dt)
+        ax.set_xlabel("generation step")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("max |patched - with-context| logit")
+    axes[0][0].legend(title="× first token disagreement", fontsize=8, title_fontsize=7)
+    fig.suptitle("Only the current token, context absorbed into patches (M7), greedy", fontsize=10)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+    return path
+
+
+# ---- CLI -------------------------------------------------------------------------------------
+
+def add_parser(sub):
+    """Register the ``experiment`` subcommand on the argparse subparsers ``sub``."""
+    p = sub.add_parser("experiment", help="Goldwaser et al. section 4 on real Gemma 3 270M: "
+                                          "greedy with context vs patched with only the current token")
+    p.add_argument("--n-new", type=int, default=20, help="new tokens per prompt (default 20)")
+    p.add_argument("--prompts", default=None, help="comma-separated prompt numbers 1..5 (default all)")
+    p.add_argument("--dtypes", default=",".join(DTYPES), help="comma-separated subset of " + ",".join(DTYPES))
+    p.add_argument("--methods", default=",".join(METHODS), help="comma-separated witnesses (default m6a,m6c)")
+    p.add_argument("--model", default=None, help="GGUF path (default: the [real] extra's Gemma 3 270M)")
+    p.add_argument("--json", default=None, help="write the full results here")
+    p.add_argument("--figure", default="figures/experiment_generation.png", help="figure path ('' for none)")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=run)
+    return p
+
+
+PROMPTS = (   # the five prompts of the shared Gemma 3 270M fixtures (prompts.json)
+    "Write a weather forecast for Mars in the voice of an annoyed robot.",
+    "Explain the meaning of life in exactly twenty words without using the letter e.",
+    "Explain what a software bug is to a peasant from the sixteenth century.",
+    "Write a haiku about Jack, Fred and Alice.",
+    "Write a rhyming couplet about absorbing prompts into the weights of an MLP.",
+)
+
+
+def run(args):
+    """Run the ``experiment`` subcommand; exit status 0, or 2 if the model cannot be loaded."""
+    from . import load
+    from .io.gguf import gemma3_270m_path, read_gguf_metadata
+    from .io.tokenizer import tokenizer_from_gguf
+
+    try:
+        path = args.model or gemma3_270m_path()
+        model = load(path, dtype="float64")
+        tok = tokenizer_from_gguf(read_gguf_metadata(path))
+    except (MinipatchError, ImportError, OSError) as e:
+        print(f"experiment: cannot load the model: {type(e).__name__}: {e}", file=sys.stderr)
+        return 2
+    prompts = list(PROMPTS)
+    if args.prompts:
+        prompts = [prompts[int(i) - 1] for i in args.prompts.split(",")]
+    res = run_experiment(model, tok, prompts, n_new=args.n_new, dtypes=tuple(args.dtypes.split(",")),
+                         methods=tuple(args.methods.split(",")), progress=not args.no_progress)
+    print(format_table(res["summary"]))
+    print(f"\n{len(prompts)} prompts x {args.n_new} tokens in {res['seconds']:.0f} s")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(res, indent=1))
+        print(f"results: {args.json}")
+    if args.figure:
+        print(f"figure: {plot(res, args.figure)}")
+    return 0

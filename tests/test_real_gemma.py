@@ -1,0 +1,170 @@
+"""Real Gemma 3 270M: conformance with Hugging Face and the theorem (MATH.md M6, M7) on real weights.
+
+Reference: /work/shared/fixtures/gemma3-270m (README section 2): per prompt the top-32 logits,
+logsumexp and 20-token greedy continuation of the stock float32 and a true float64 run of
+transformers. Greedy is checked by teacher forcing on ``seq`` = prompt + greedy_fp64: the
+argmax at positions P-1..P+18 reproduces ``seq`` iff greedy decoding does.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import minipatch as mp
+from conftest import CONTROL_MIN, TOL32, TOL64_MODEL, rel_err, shared_fixture
+
+pytestmark = pytest.mark.real
+PROMPTS = (1, 2, 3, 4, 5)
+N_NEW = 20
+
+
+def _ref(k):
+    return dict(np.load(shared_fixture(f"gemma3-270m/prompt_{k}.npz")))
+
+
+@pytest.fixture(scope="module")
+def forwards(real_gemma64, real_gemma32):
+    """One forward of ``seq`` per prompt and dtype, shared by the checks below."""
+    cache = {}
+
+    def get(k, dtype):
+        if (k, dtype) not in cache:
+            model = real_gemma64 if dtype == "fp64" else real_gemma32
+            cache[(k, dtype)] = np.asarray(model.forward(_ref(k)["seq"]), dtype=np.float64)
+        return cache[(k, dtype)]
+
+    return get
+
+
+def _logsumexp(x):
+    m = np.max(x, axis=-1, keepdims=True)
+    return (m + np.log(np.sum(np.exp(x - m), axis=-1, keepdims=True)))[..., 0]
+
+
+@pytest.mark.parametrize("dtype,tol", [("fp32", TOL32), ("fp64", 1e-6)])
+@pytest.mark.parametrize("k", PROMPTS)
+def test_logits_match_hf(forwards, k, dtype, tol):
+    """Top-32 logits (at HF's ids) and logsumexp within 1e-4 (float32) / 1e-6 (float64, ~1e-13)."""
+    ref = _ref(k)
+    logits = forwards(k, dtype)
+    ids = ref[f"topk_ids_{dtype}"]
+    ours = np.take_along_axis(logits, ids, axis=-1)
+    err = np.max(np.abs(ours - ref[f"topk_logits_{dtype}"]))
+    lse = np.max(np.abs(_logsumexp(logits) - ref[f"logsumexp_{dtype}"]))
+    assert err <= tol, f"prompt {k} {dtype}: top-32 logit error {err:.3e}"
+    assert lse <= tol, f"prompt {k} {dtype}: logsumexp error {lse:.3e}"
+    if dtype == "fp64":
+        assert err < 1e-10 and lse < 1e-10   # the true-float64 run agrees to rounding
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "fp64"])
+@pytest.mark.parametrize("k", PROMPTS)
+def test_greedy_matches_hf(forwards, k, dtype):
+    """20 greedy tokens identical to HF's, by teacher forcing (argmax at P-1..P+18 of ``seq``)."""
+    ref = _ref(k)
+    P = ref["input_ids"].size
+    pred = np.argmax(forwards(k, dtype)[P - 1:P - 1 + N_NEW], axis=-1)
+    np.testing.assert_array_equal(pred, ref[f"greedy_{dtype}"])
+    np.testing.assert_array_equal(ref["seq"][P:], ref["greedy_fp64"])
+
+
+def test_greedy_loop(real_gemma32):
+    """``minipatch.greedy`` itself (recomputing each step) on prompt 1, 5 tokens."""
+    ref = _ref(1)
+    ids, rows = mp.greedy(real_gemma32, ref["input_ids"], 5)
+    np.testing.assert_array_equal(ids, ref["greedy_fp32"][:5])
+    assert rows.shape == (5, real_gemma32.cfg.vocab_size)
+
+
+def test_tokenizer_matches_hf(real_tokenizer):
+    """Our GGUF tokenizer gives HF's ids (BOS first) for the five prompts."""
+    import json
+
+    from minipatch.io.tokenizer import encode
+
+    meta = json.loads(shared_fixture("gemma3-270m/prompts.json").read_text())
+    for p in meta["prompts"]:
+        np.testing.assert_array_equal(encode(real_tokenizer, p["text"]), _ref(p["prompt_index"])["input_ids"])
+
+
+@pytest.fixture(scope="module")
+def theorem_case():
+    """Prompt 2 with its greedy continuation; context = positions 1..P-2 (BOS and the rest kept)."""
+    ref = _ref(2)
+    P = ref["input_ids"].size
+    seq = ref["seq"][:P + 4]
+    return seq, np.arange(1, P - 1)
+
+
+@pytest.mark.m7
+@pytest.mark.parametrize("which,tol", [("64", TOL64_MODEL), ("32", TOL32)])
+def test_absorb_real_model(real_gemma64, real_gemma32, theorem_case, which, tol):
+    """M7 with method auto on real weights: patched kept logits = with-context logits."""
+    model = real_gemma64 if which == "64" else real_gemma32
+    seq, ctx = theorem_case
+    res = mp.absorb(model, seq, ctx)
+    full = model.forward(seq)[res.kept]
+    patched = mp.patched_forward(model, seq, res)
+    unpatched = model.forward(seq[res.kept], positions=res.kept)
+    err, control = rel_err(patched, full), rel_err(unpatched, full)
+    assert err <= tol, f"float{which}: patched vs with-context {err:.3e} (methods {res.methods})"
+    assert control >= CONTROL_MIN, f"negative control too small: {control:.3e}"
+    # the zero post-FFW multipliers (layers 1, 3, 4) rule out M6b: auto must pick a witness that exists
+    assert all(m != "m6b" for m in np.asarray(res.methods)[[1, 3, 4]])
+    # rank check: a materialized dense patch of a kept token is rank one
+    rank1 = [p for p in res.patches.layers[0].values() if isinstance(p, mp.patches.Rank1)]
+    assert rank1, "layer 0 has no rank-1 patch"
+    dense = np.asarray(mp.backend.to_numpy(rank1[0].dense(1)), dtype=np.float64)
+    assert np.linalg.matrix_rank(dense, tol=1e-6 * np.abs(dense).max()) == 1
+
+
+@pytest.mark.m7
+def test_absorb_all_but_last_m6c(real_gemma64, theorem_case):
+    """The experiment's setting: only the last token kept, M6c, float64 exact."""
+    seq, _ = theorem_case
+    res = mp.absorb(real_gemma64, seq, np.arange(seq.size - 1), method="m6c")
+    kept = seq[res.kept]
+    patched = real_gemma64.logits(real_gemma64.run(kept, positions=res.kept, patches=res.patches, head=False))
+    full = real_gemma64.logits(real_gemma64.run(seq, head=False)[res.kept])
+    unpatched = real_gemma64.forward(kept, positions=res.kept)
+    assert rel_err(patched, full) <= TOL64_MODEL
+    assert rel_err(unpatched, full) >= CONTROL_MIN
+
+
+def test_experiment_prompts_are_the_fixture_prompts():
+    import json
+
+    from minipatch.experiment import PROMPTS
+
+    meta = json.loads(shared_fixture("gemma3-270m/prompts.json").read_text())
+    assert list(PROMPTS) == [p["text"] for p in meta["prompts"]]
+
+
+def test_bf16_round_patches():
+    """Simulated bfloat16: every patch factor lands on the bf16 grid; the patch types are kept."""
+    from minipatch.experiment import bf16_round, round_patches
+    from minipatch.models import tiny_gemma
+
+    model = tiny_gemma(seed=3, dtype=np.float32)
+    tok = np.arange(1, 9) % model.cfg.vocab_size
+    res = mp.absorb(model, tok, np.arange(1, 5))
+    rp = round_patches(res.patches)
+    for lp, lq in zip(res.patches.layers, rp.layers):
+        assert {k: type(v) for k, v in lp.items()} == {k: type(v) for k, v in lq.items()}
+        for q in lq.values():
+            for a in vars(q).values():
+                if a is not None:
+                    np.testing.assert_array_equal(bf16_round(a), a)   # idempotent: already bf16 values
+    x = np.float32(1 + 2 ** -9)
+    assert bf16_round(x) == 1.0 and bf16_round(np.float32(1 + 2 ** -7)) == np.float32(1 + 2 ** -7)
+
+
+def test_experiment_float64_m6c(real_gemma64, real_tokenizer):
+    """The section-4 experiment (2 tokens, float64, M6c): the patched model sees one token and agrees."""
+    from minipatch.experiment import PROMPTS, run_experiment
+
+    out = run_experiment(real_gemma64, real_tokenizer, PROMPTS[3:4], n_new=2, dtypes=("float64",),
+                         methods=("m6c",), progress=False)
+    s = out["summary"]["float64/m6c"]
+    assert s["agree"] == 2 and s["max_rel_err"] <= TOL64_MODEL
+    assert out["runs"][0]["ref_tokens"] == _ref(4)["greedy_fp64"][:2].tolist()
