@@ -14,7 +14,7 @@ from minipatch.patches import Rank1, Scale
 from conftest import CONTROL_MIN, TOL32, TOL64_BLOCK, rel_err
 
 pytestmark = [pytest.mark.m6, pytest.mark.gemma]
-METHODS = ["m6a", "m6b", "m6c"]
+METHODS = ["m6a", "m6b", "m6c", "m6d"]
 
 
 def stream(model, tokens, layer):
@@ -82,6 +82,13 @@ def test_what_each_construction_patches(gemma64, method):
     assert isinstance(scale, Scale)
     if method == "m6a":
         assert "down_proj.weight" not in p and scale.mul is None and scale.add.shape == (6, 64)
+    elif method == "m6d":
+        assert isinstance(p["down_proj.weight"], Rank1) and scale.mul is None
+        # where |s| is above the floor, the elementwise patch is s (R - 1): one R per token
+        sv = gemma64.params["layers"][2]["mlp_post_norm.weight"] + 1.0
+        big = np.abs(sv) > 0.1 * np.sqrt(np.mean(sv**2))
+        ratio = to_numpy(scale.add)[:, big] / sv[big]
+        np.testing.assert_allclose(ratio, ratio[:, :1] * np.ones_like(ratio), rtol=1e-6, atol=1e-9)
     elif method == "m6b":
         assert isinstance(p["down_proj.weight"], Rank1) and scale.add is None and scale.mul.shape == (6, 1)
     else:
@@ -175,7 +182,7 @@ def test_m6a_zero_coordinate_and_auto(gemma64):
         m6a(s, 1e-6, h, m, delta, down="d", norm="n")
     assert "u^C" in e.value.quantity and e.value.position == 0
     name, _ = construct("auto", s, 1e-6, h, m, delta, down="d", norm="n")
-    assert name == "m6c"
+    assert name == "m6d"
 
 
 
@@ -197,7 +204,10 @@ def test_m6c_with_zero_multiplier_entries():
     assert rel_err(out, t) <= TOL64_BLOCK
     with pytest.raises(NotControllableError):
         m6b(s, 1e-6, h, m, delta, down="d", norm="n")
-    assert construct("auto", s, 1e-6, h, m, delta, down="d", norm="n")[0] == "m6c"
+    assert construct("auto", s, 1e-6, h, m, delta, down="d", norm="n")[0] == "m6d"
+    pd = construct("m6d", s, 1e-6, h, m, delta, down="d", norm="n")[1]
+    out = pd["n"].multiplier(s) * rms_unit(pd["d"].apply(h, m), 1e-6)
+    assert rel_err(out, t) <= TOL64_BLOCK
 
 
 def test_m6b_needs_nonzero_multiplier():
@@ -215,3 +225,30 @@ def test_m6b_needs_nonzero_multiplier():
 def test_unknown_method(gemma64):
     with pytest.raises(ValueError, match="unknown M6 method"):
         mp.absorb(gemma64, [1, 2, 3, 4], [1, 2], method="m6z")
+
+
+def test_m6d_is_well_conditioned_for_large_delta():
+    """When the context moves the stream far (delta >> s u^C, as when every earlier token is
+    context) and some multipliers are tiny, M6c's y*_i ~ s_i t_i / |mu| is tiny there and its
+    residual scale patch ~ |mu| / s_i is huge, amplifying rounding; M6d's patch is s (R - 1)
+    above the floor: under a 1e-13 perturbation of the recomputed hidden its error stays at
+    that level."""
+    from minipatch.m6 import m6c, m6d
+    from minipatch.ops import rms_unit
+
+    rng = np.random.default_rng(12)
+    T, D, F = 8, 64, 96
+    s = np.exp(0.5 * rng.standard_normal(D))
+    s[:4] = [1e-3, -2e-3, 5e-4, 1e-2]       # tiny multipliers, as in real Gemma 3 270M
+    h, W = rng.standard_normal((T, F)), rng.standard_normal((D, F)) / np.sqrt(F)
+    m = h @ W.T
+    delta = 30.0 * rng.standard_normal((T, D)) * rng.standard_normal((1, D)) ** 2
+    t = s * rms_unit(m, 1e-6) + delta
+    h_noisy = h * (1 + 1e-13 * rng.standard_normal(h.shape))
+    errs, sizes = {}, {}
+    for name, fn in (("m6c", m6c), ("m6d", m6d)):
+        p = fn(s, 1e-6, h, m, delta, down="d", norm="n")
+        out = p["n"].multiplier(s) * rms_unit(p["d"].apply(h_noisy, h_noisy @ W.T), 1e-6)
+        errs[name], sizes[name] = rel_err(out, t), float(np.max(np.abs(p["n"].add)))
+    assert errs["m6d"] <= 1e-12 < errs["m6c"]
+    assert sizes["m6d"] < sizes["m6c"] / 10

@@ -27,7 +27,7 @@ def theorem(model, tok, ctx, method="auto", **kw):
     return res, rel_err(patched, ref), rel_err(unpatched, ref)
 
 
-@pytest.mark.parametrize("method", ["m6b", "m6c", "auto"])
+@pytest.mark.parametrize("method", ["m6b", "m6c", "m6d", "auto"])
 def test_twelve_layers_float64(deep, method):
     rng = np.random.default_rng(0)
     tok = rng.integers(0, 256, 40)
@@ -82,7 +82,7 @@ def test_float32():
     model = mp.models.tiny_gemma(seed=2, n_layers=6, dtype=np.float32)
     rng = np.random.default_rng(1)
     tok = rng.integers(0, 256, 30)
-    for method in ("m6b", "m6c", "auto"):
+    for method in ("m6b", "m6c", "m6d", "auto"):
         _, err, control = theorem(model, tok, np.arange(1, 20), method)
         assert err <= TOL32 and control > CONTROL_MIN, (method, err)
     # M6a in float32 only where it is well conditioned (see test_m6a_is_ill_conditioned)
@@ -135,7 +135,7 @@ def test_theorem_on_every_backend(backend):
     model = model if xp is np else model.to(xp, dev)
     rng = np.random.default_rng(6)
     tok = rng.integers(0, 256, 14)
-    for method in ("m6a", "m6b", "m6c"):
+    for method in ("m6a", "m6b", "m6c", "m6d"):
         res = mp.absorb(model, tok, [1, 2, 4, 7, 8], method=method)
         patched = mp.patched_forward(model, tok, res)
         full = to_numpy(model.forward(tok))[res.kept]
