@@ -4,7 +4,8 @@ For each prompt: greedy decoding of ``n_new`` tokens by the model *with* the who
 sequence as context (the reference), versus greedy decoding by the *patched* model that
 sees only the current token at its absolute position (``context='all_but_last'``): at
 every step the whole prefix is absorbed into token-dependent weight patches (M7), with the
-post-FFW norm witness M6a (elementwise scale patch) or M6c (scalar scale plus residual).
+post-FFW norm witness M6a (elementwise scale patch), M6c (trust-region target plus residual)
+or M6d (M6b's direction with a floored multiplier plus residual; see minipatch.m6).
 Both runs are free-running: each continues from its own tokens. Reported per step, while
 the two sequences still agree (up to and including the first step whose tokens differ,
 whose logits are still computed from identical prefixes):
@@ -33,7 +34,7 @@ CLI (registered by :func:`add_parser`)::
 
     python -m minipatch experiment [--n-new 20] [--prompts 1,2] [--json out.json]
         [--figure figures/experiment_generation.png] [--dtypes float32,float64,bfloat16]
-        [--methods m6a,m6c]
+        [--methods m6a,m6c,m6d]
 """
 from __future__ import annotations
 
@@ -50,7 +51,7 @@ from .errors import MinipatchError
 from .patches import Patches, Rank1, Scale, Shift
 
 DTYPES = ("float32", "float64", "bfloat16")
-METHODS = ("m6a", "m6c")
+METHODS = ("m6a", "m6c", "m6d")
 
 
 # ---- simulated bfloat16 --------------------------------------------------------------------
@@ -176,7 +177,7 @@ def run_experiment(model64, tokenizer, prompts, n_new=20, dtypes=DTYPES, methods
       tokenizer: from :func:`minipatch.io.tokenizer.tokenizer_from_gguf` (BOS is prepended).
       prompts: list of prompt texts.
       n_new: new tokens per prompt. dtypes: subset of ('float32', 'float64', 'bfloat16').
-      methods: post-FFW norm witnesses to compare ('m6a', 'm6b', 'm6c', 'auto').
+      methods: post-FFW norm witnesses to compare ('m6a', 'm6b', 'm6c', 'm6d', 'auto').
       progress: show a progress bar on stderr.
     Returns:
       dict: ``runs`` (one entry per prompt x dtype x method, see :func:`compare`, plus the
@@ -287,7 +288,7 @@ def add_parser(sub):
     p.add_argument("--n-new", type=int, default=20, help="new tokens per prompt (default 20)")
     p.add_argument("--prompts", default=None, help="comma-separated prompt numbers 1..5 (default all)")
     p.add_argument("--dtypes", default=",".join(DTYPES), help="comma-separated subset of " + ",".join(DTYPES))
-    p.add_argument("--methods", default=",".join(METHODS), help="comma-separated witnesses (default m6a,m6c)")
+    p.add_argument("--methods", default=",".join(METHODS), help="comma-separated witnesses (default m6a,m6c,m6d)")
     p.add_argument("--model", default=None, help="GGUF path (default: the [real] extra's Gemma 3 270M)")
     p.add_argument("--json", default=None, help="write the full results here")
     p.add_argument("--figure", default="figures/experiment_generation.png", help="figure path ('' for none)")
