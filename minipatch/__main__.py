@@ -20,7 +20,7 @@ def check_main(args):
     curves = {}
     print("minipatch: context as exact weight patches (MATH.md M1-M8), embedded random models\n")
     rows = report.gemma_rows(curves)
-    print("Gemma-style model: M1, M2, M6a/M6b/M6c, M7, generation")
+    print("Gemma-style model: M1, M2, M6a/M6b/M6c/M6d, M7, generation")
     print(report.format_table(rows))
     if not args.quick:
         fam = report.family_rows()

@@ -149,19 +149,19 @@ def greedy_row(model, name, n_new=8):
 
 
 def gemma_rows(curves=None):
-    """Issue 2: M1, M2, M6a/b/c per block, M7 through 12 layers, generation."""
+    """M1, M2, M6a/b/c/d per block, M7 through 12 layers, generation."""
     rows = []
     for dt in (np.float64, np.float32):
         rows += lemma_rows(dt)
         m4 = models.tiny_gemma(seed=0, dtype=dt)
         m12 = models.tiny_gemma(seed=0, dtype=dt, n_layers=12)
-        for method in ("m6a", "m6b", "m6c"):
+        for method in ("m6a", "m6b", "m6c", "m6d"):
             rows.append(block_rows(m4, "tiny_gemma L4", method))
         r = model_row(m4, "tiny_gemma L4", "m6a", info=dt is np.float32)
         if r.info:
             r.note = "M6a in float32: rounding amplified by its scale patch (kappa)"
         rows.append(r)
-        for method in ("m6b", "m6c", "auto"):
+        for method in ("m6b", "m6c", "m6d", "auto"):
             rows.append(model_row(m12, "tiny_gemma L12", method,
                                   trace_out=curves if (curves is not None and dt is np.float64) else None))
         r = model_row(m12, "tiny_gemma L12", "m6a", info=True,
