@@ -9,7 +9,8 @@ mixing, post-norm).
   through linear maps, so the witness is M1 on each of them with a shared v = n/||n||^2.
 - ``g`` is output-controllable: for h (!= 0) and any delta there are phi' with
   g_phi'(h) = g_phi(h) + delta. Witnesses: M2 on a weight, a bias shift, a post-norm
-  scale (M6a/b/c), or M2 on expert down-projections.
+  scale (M6a/b/c/d), or M2 on expert down-projections (the MoE parts are in
+  ``minipatch.experts``).
 
 **M8.** With both, ``z + g_phi'(f_theta'(z)) = z^C + g(f(z^C))`` where theta' comes from
 (z, z^C) and phi' from (f(z^C), z^C - z): :func:`m8`. Every block family in
@@ -22,7 +23,7 @@ from dataclasses import dataclass
 from . import m6
 from .backend import namespace
 from .lemmas import m1, m2, safe_sqnorm
-from .ops import activation, sigmoid, softmax
+from .ops import activation
 from .patches import Shift, linear, norm
 from .errors import NotControllableError
 
@@ -105,75 +106,6 @@ class GatedInner(Inner):
         return activation(self.act)(linear(p, self.gate, n, patch)) * linear(p, self.up, n, patch)
 
 
-@dataclass(frozen=True)
-class MoEInner(Inner):
-    """Router plus experts (Mixtral, Qwen2-MoE), optionally a sigmoid-gated shared expert.
-
-    Gates: softmax over all E router logits, keep the top_k (ties: the lower expert index
-    wins, a stable sort), renormalise them if ``cfg.moe_renormalize`` (Mixtral) or not
-    (Qwen2-MoE). Each expert is a gated MLP ``act(n Wg_e^T) * (n Wu_e^T)``; all experts are
-    evaluated (batched matmul) and unselected ones get gate 0.
-
-    The hidden is a dict: gates [T, E], experts [T, E, F], and with a shared expert
-    shared [T, F_s], shared_gate [T, 1].
-
-    Witness: M1 on the router (same logits, so the same top-k and gates) and on each
-    expert's gate/up (zero rows for experts a token does not select), and on the shared
-    expert and its gate.
-    """
-
-    act: str = "silu"
-
-    def reads(self, p):
-        names = ["router", "experts.gate_proj", "experts.up_proj"]
-        if "shared.gate_proj.weight" in p:
-            names += ["shared.gate_proj", "shared.up_proj", "shared_gate"]
-        return tuple(names)
-
-    def hidden(self, p, n, cfg, patch=None):
-        xp = namespace(n)
-        act = activation(self.act)
-        probs = softmax(linear(p, "router", n, patch), axis=-1)              # [T, E]
-        order = xp.argsort(probs, axis=-1, descending=True, stable=True)
-        top = order[:, : cfg.top_k]
-        E = probs.shape[-1]
-        sel = xp.any(top[:, :, None] == xp.arange(E, device=_dev(n))[None, None, :], axis=1)
-        gates = xp.where(sel, probs, xp.zeros_like(probs))
-        if cfg.moe_renormalize:
-            gates = gates / xp.sum(gates, axis=-1, keepdims=True)
-        g = expert_linear(p, "experts.gate_proj", n, patch)                  # [T, E, F]
-        u = expert_linear(p, "experts.up_proj", n, patch)
-        h = {"gates": gates, "experts": act(g) * u}
-        if "shared.gate_proj.weight" in p:
-            h["shared"] = act(linear(p, "shared.gate_proj", n, patch)) * linear(p, "shared.up_proj", n, patch)
-            h["shared_gate"] = sigmoid(linear(p, "shared_gate", n, patch))
-        return h
-
-    def witness(self, p, z, z_ctx, cfg, hidden_ctx=None):
-        patch = Inner.witness(self, p, z, z_ctx, cfg)
-        if hidden_ctx is not None:  # keep only the selected experts' rows
-            xp = namespace(z)
-            on = xp.astype(hidden_ctx["gates"] != 0, z.dtype)[:, :, None]
-            for w in ("experts.gate_proj.weight", "experts.up_proj.weight"):
-                r = patch[w]
-                patch[w] = type(r)(r.u * on, r.v)
-        return patch
-
-
-def expert_linear(p, name, x, patch=None):
-    """Stacked expert weights W [E, out, in] applied to x [T, in] (shared) or [T, E, in]
-    (per expert): [T, E, out], with a Rank1 patch on ``name.weight`` applied in factored form.
-
-    einsum equivalent: 'TI,EOI->TEO' or 'TEI,EOI->TEO'.
-    """
-    xp = namespace(x)
-    w = p[name + ".weight"]
-    xe = x if x.ndim == 2 else xp.permute_dims(x, (1, 0, 2))                 # [T, I] or [E, T, I]
-    y = xp.permute_dims(xe @ w.mT, (1, 0, 2))                                # [T, E, O]
-    pw = patch.get(name + ".weight") if patch else None
-    return y if pw is None else pw.apply(x, y)
-
-
 # ---- output-controllable outer parts -----------------------------------------------------
 
 @dataclass(frozen=True)
@@ -224,54 +156,6 @@ class RMSPostNormOuter:
         m_ctx = linear(p, self.down, h)
         return m6.construct(method, s, cfg.norm_eps, h, m_ctx, delta,
                             down=self.down + ".weight", norm=self.norm + ".weight")
-
-
-@dataclass(frozen=True)
-class MoEOuter:
-    """m = sum_e w_e (h_e Wd_e^T) [+ shared_gate * (h_s Ws^T)].
-
-    Witness (``method``): 'one' (default) M2 on the down-projection of the token's
-    highest-gate expert with delta / w_e; 'all' M2 on every active expert with delta / S,
-    S the realised sum of active gates (1 after Mixtral's renormalisation, not for Qwen2-MoE).
-    """
-
-    def forward(self, p, h, cfg, patch=None):
-        xp = namespace(h["experts"])
-        y = expert_linear(p, "experts.down_proj", h["experts"], patch)        # [T, E, D]
-        out = xp.sum(h["gates"][:, :, None] * y, axis=1)
-        if "shared" in h:
-            out = out + h["shared_gate"] * linear(p, "shared.down_proj", h["shared"], patch)
-        return out
-
-    def witness(self, p, h, delta, cfg, method="auto"):
-        xp = namespace(delta)
-        gates, he = h["gates"], h["experts"]
-        if method in ("auto", "one", None):
-            best = xp.argmax(gates, axis=-1)
-            E = gates.shape[-1]
-            onehot = best[:, None] == xp.arange(E, device=_dev(gates))[None, :]
-            w = xp.sum(xp.where(onehot, gates, xp.zeros_like(gates)), axis=-1, keepdims=True)
-            scale = xp.where(onehot, 1.0 / w, xp.zeros_like(gates))           # [T, E]
-            name = "moe-one"
-        elif method == "all":
-            S = xp.sum(gates, axis=-1, keepdims=True)
-            scale = xp.where(gates != 0, xp.broadcast_to(1.0 / S, gates.shape), xp.zeros_like(gates))
-            name = "moe-all"
-        else:
-            raise ValueError(f"unknown MoE witness {method!r}; 'one' or 'all'")
-        active = scale != 0
-        sq = xp.sum(he * he, axis=-1)                                          # [T, E]
-        dead = active & ~(sq > xp.finfo(he.dtype).smallest_normal)
-        if bool(xp.any(dead)):
-            from .lemmas import first_bad
-
-            first_bad(dead, sq, "||h_e||^2 (active expert hidden)", hint="try method='all' or 'one'")
-        safe = xp.where(active, sq, xp.ones_like(sq))
-        v = xp.where(active[:, :, None], he / safe[:, :, None], xp.zeros_like(he))
-        u = scale[:, :, None] * delta[:, None, :]                              # [T, E, D]
-        from .patches import Rank1
-
-        return name, {"experts.down_proj.weight": Rank1(u, v)}
 
 
 def _dev(x):
@@ -335,9 +219,11 @@ def _used(h):
     return dict(h, experts=xp.where(on, h["experts"], xp.zeros_like(h["experts"])))
 
 
+from .experts import MoEInner, MoEOuter, expert_linear  # noqa: E402  (MoE parts live in experts.py)
+
 __all__ = [
     "Inner", "LinearInner", "GatedInner", "MoEInner", "IdentityActInner",
     "LinearOuter", "BiasOuter", "RMSPostNormOuter", "MoEOuter",
-    "m8", "check_input_controllable", "check_output_controllable", "take_rows",
+    "m8", "check_input_controllable", "check_output_controllable", "take_rows", "expert_linear",
     "NotControllableError",
 ]
