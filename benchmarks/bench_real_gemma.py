@@ -21,6 +21,8 @@ import subprocess
 import sys
 import time
 
+from _timing import best_of  # benchmarks/_timing.py (the script's folder is on sys.path)
+
 TEXT = ("The history of the printing press begins in the fifteenth century, when Johannes Gutenberg "
         "combined movable metal type, oil-based ink and a wooden screw press into a system that could "
         "produce books faster and more cheaply than scribes. Within fifty years presses operated in more "
@@ -29,18 +31,6 @@ TEXT = ("The history of the printing press begins in the fifteenth century, when
         "scientific revolution and the standardisation of languages all owe something to print, and "
         "historians still debate how much. What is certain is that the cost of a page fell by a factor of "
         "several hundred, that pamphlets and newspapers followed within a few generations, and that")
-
-
-def best_of(fns, repeats):
-    """Best wall time (s) of each callable over ``repeats`` interleaved rounds, after one warm-up."""
-    out = {k: fn() for k, fn in fns.items()}
-    best = {k: float("inf") for k in fns}
-    for _ in range(repeats):
-        for k, fn in fns.items():
-            t0 = time.perf_counter()
-            out[k] = fn()
-            best[k] = min(best[k], time.perf_counter() - t0)
-    return best, out
 
 
 def hf_time(gguf_path, ids, repeats):
