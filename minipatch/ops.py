@@ -188,7 +188,6 @@ def causal_mask(q_pos, k_pos, window=None, q_idx=None, k_idx=None):
     """Boolean [T, S]: key s visible to query t iff k_pos[s] <= q_pos[t] and, with a sliding
     window W, q - k < W. The window is measured on positions, or on ``q_idx``/``k_idx``
     (sequence indices, Hugging Face's convention) when those are given."""
-    xp = namespace(q_pos)
     vis = k_pos[None, :] <= q_pos[:, None]
     if window:
         qi = q_pos if q_idx is None else q_idx
