@@ -64,20 +64,30 @@ def absorb(model, tokens, context, method="auto", window_by="position"):
     K = xp.asarray(kept, device=dev)
     index = xp.arange(kept.size, device=dev) if window_by == "index" else None
     layers, methods = [], []
-    for l, lp in enumerate(model.params["layers"]):
-        full = trace["layers"][l]
-        tr_ctx = {k: take_rows(full[k], K) for k in ("x", "a", "z", "h")}
-        tr = {}
-        attn_sublayer(model.spec, lp, tr_ctx["x"], model.cfg, l, K, trace=tr, index=index)
-        try:
-            name, patch = layer_patch(model.spec, lp, model.cfg, tr, tr_ctx, method)
-        except NotControllableError as e:
-            pos = int(kept[e.position]) if e.position is not None else None
-            raise NotControllableError(e.quantity, e.value, layer=l, position=pos,
-                                       hint=e.hint) from e
+    for l in range(model.cfg.n_layers):
+        name, patch, _ = _layer_step(model, l, trace["layers"][l], kept, K, index, method)
         layers.append(patch)
         methods.append(name)
     return AbsorbResult(Patches(tuple(layers), kept, tuple(methods)), kept, ctx, tuple(methods))
+
+
+def _layer_step(model, l, full, kept, K, index, method):
+    """M7 steps (1)-(3) for layer ``l``: with-context values at the kept rows ``K`` of the
+    block trace ``full``, the attention sublayer on them alone, the layer patch.
+
+    Returns (construction name, layer patch, with-context trace at the kept rows). A missing
+    witness is re-raised naming layer ``l`` and the kept token's original position.
+    """
+    lp = model.params["layers"][l]
+    tr_ctx = {k: take_rows(full[k], K) for k in ("x", "a", "z", "h")}
+    tr = {}
+    attn_sublayer(model.spec, lp, tr_ctx["x"], model.cfg, l, K, trace=tr, index=index)
+    try:
+        name, patch = layer_patch(model.spec, lp, model.cfg, tr, tr_ctx, method)
+    except NotControllableError as e:
+        pos = int(kept[e.position]) if e.position is not None else None
+        raise NotControllableError(e.quantity, e.value, layer=l, position=pos, hint=e.hint) from e
+    return name, patch, tr_ctx
 
 
 def patched_forward(model, tokens, res, **kw):
@@ -86,13 +96,17 @@ def patched_forward(model, tokens, res, **kw):
     return model.forward(tok[res.kept], positions=res.kept, patches=res.patches, **kw)
 
 
-def greedy(model, tokens, n_new, context=None, method="auto", callback=None, window_by="position"):
+def greedy(model, tokens, n_new, context=None, method="auto", callback=None, window_by="position",
+           patch_fn=None):
     """Greedy decoding, with context (``context=None``) or with it absorbed into patches.
 
     With ``context`` the patches are recomputed at every new token (M7) and the patched
     model runs on the kept tokens only. ``context`` is a fixed list of positions, or
     ``'all_but_last'``: every earlier token is context and the model sees only the current
     token at its absolute position (the experiment of Goldwaser et al. 2025, section 4).
+
+    ``patch_fn`` (optional) maps each step's :class:`~minipatch.patches.Patches` to the ones
+    actually applied, e.g. rounded to bfloat16 (``minipatch.experiment.round_patches``).
 
     Returns:
       (new token ids int64 [n_new], last-position logits of every step as numpy [n_new, V]).
@@ -106,8 +120,9 @@ def greedy(model, tokens, n_new, context=None, method="auto", callback=None, win
             T = len(seq)
             ctx = np.arange(T - 1) if isinstance(context, str) and context == "all_but_last" else context
             res = absorb(model, seq, ctx, method=method, window_by=window_by)
+            patches = res.patches if patch_fn is None else patch_fn(res.patches)
             kept = np.asarray(seq)[res.kept]
-            hidden = model.run(kept, positions=res.kept, patches=res.patches, head=False, window_by=window_by)
+            hidden = model.run(kept, positions=res.kept, patches=patches, head=False, window_by=window_by)
         logits = model.logits(hidden[-1:, ...])[0, ...]      # only the last row of the head
         row = to_numpy(logits)
         nxt = int(np.argmax(row))
@@ -155,14 +170,7 @@ def check_block(model, layer, x, context, method="auto", window_by="position"):
     lp, cfg, spec = model.params["layers"][layer], model.cfg, model.spec
     full = {}
     out = block_forward(spec, lp, x, cfg, layer, pos, trace=full, index=idx_full)
-    tr_ctx = {k: take_rows(full[k], K) for k in ("x", "a", "z", "h")}
-    tr = {}
-    attn_sublayer(spec, lp, tr_ctx["x"], cfg, layer, K, trace=tr, index=idx_kept)
-    try:
-        name, patch = layer_patch(spec, lp, cfg, tr, tr_ctx, method)
-    except NotControllableError as e:
-        p = int(kept[e.position]) if e.position is not None else None
-        raise NotControllableError(e.quantity, e.value, layer=layer, position=p, hint=e.hint) from e
+    name, patch, tr_ctx = _layer_step(model, layer, full, kept, K, idx_kept, method)
     xk = tr_ctx["x"]
     patched = block_forward(spec, lp, xk, cfg, layer, K, patch=patch, index=idx_kept)
     unpatched = block_forward(spec, lp, xk, cfg, layer, K, index=idx_kept)

@@ -47,7 +47,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .absorb import absorb, greedy
+from .absorb import greedy
 from .backend import to_numpy
 from .errors import MinipatchError
 from .patches import Patches, Rank1, Scale, Shift
@@ -113,23 +113,9 @@ def patched_greedy(model, tokens, n_new, method, round_fn=None, callback=None):
     Returns:
       (ids int64 [n_new], last-position logits numpy [n_new, V]).
     """
-    if round_fn is None:
-        return greedy(model, tokens, n_new, context="all_but_last", method=method, callback=callback)
-    seq = [int(t) for t in tokens]
-    out, rows = [], []
-    for step in range(n_new):
-        res = absorb(model, seq, np.arange(len(seq) - 1), method=method)
-        patches = round_patches(res.patches, round_fn)
-        kept = np.asarray(seq, dtype=np.int64)[res.kept]
-        hidden = model.run(kept, positions=res.kept, patches=patches, head=False)
-        row = np.asarray(to_numpy(model.logits(hidden[-1:, ...])[0, ...]))
-        nxt = int(np.argmax(row))
-        rows.append(row)
-        out.append(nxt)
-        seq.append(nxt)
-        if callback is not None:
-            callback(step, nxt)
-    return np.asarray(out, dtype=np.int64), np.stack(rows)
+    patch_fn = None if round_fn is None else (lambda p: round_patches(p, round_fn))
+    return greedy(model, tokens, n_new, context="all_but_last", method=method, callback=callback,
+                  patch_fn=patch_fn)
 
 
 def compare(ref_ids, ref_rows, ids, rows):

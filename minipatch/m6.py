@@ -85,16 +85,7 @@ def m6c(s, eps, h_ctx, m_ctx, delta, *, down, norm):
     s_solve = xp.where(s == 0, xp.ones_like(s), s)
     y = trust_region(s_solve, t)
     rho = xp.sqrt(xp.mean(m_ctx * m_ctx, axis=-1, keepdims=True))
-    h_star = rho * y
-    r = rms_unit(h_star, eps)
-    resid = t - s * r
-    zero = r == 0
-    stuck = zero & (resid != 0)
-    if bool(xp.any(stuck)):
-        first_bad(stuck, resid, "residual on a zero coordinate of rms_unit(h*)", hint="use m6a")
-    one = xp.ones_like(r)
-    dg = xp.where(zero, xp.zeros_like(r), resid / xp.where(zero, one, r))
-    return {down: m2(h_ctx, h_star - m_ctx, quantity="||h^C||^2"), norm: Scale(add=dg)}
+    return _down_then_scale(s, eps, t, h_ctx, m_ctx, rho * y, down, norm)
 
 
 def m6d(s, eps, h_ctx, m_ctx, delta, *, down, norm, floor=0.1):
@@ -115,9 +106,23 @@ def m6d(s, eps, h_ctx, m_ctx, delta, *, down, norm, floor=0.1):
     ry = xp.sqrt(xp.mean(y * y, axis=-1, keepdims=True))
     rho = xp.sqrt(xp.mean(m_ctx * m_ctx, axis=-1, keepdims=True))
     h_star = rho * y / xp.where(ry == 0, xp.ones_like(ry), ry)
+    return _down_then_scale(s, eps, t, h_ctx, m_ctx, h_star, down, norm)
+
+
+def _down_then_scale(s, eps, t, h_ctx, m_ctx, h_star, down, norm):
+    """The common tail of M6c and M6d: M2 on W_down so it outputs ``h_star``, then the
+    elementwise scale patch dg = (t - s r) / r, r = rms_unit(h_star), absorbs the remainder.
+
+    Coordinates where r is zero need a zero remainder (their dg is 0); a nonzero one there
+    has no witness (NotControllableError). M6d never meets that case: r_i = 0 only if t_i = 0.
+    """
+    xp = namespace(m_ctx)
     r = rms_unit(h_star, eps)
-    zero = r == 0
     resid = t - s * r
+    zero = r == 0
+    stuck = zero & (resid != 0)
+    if bool(xp.any(stuck)):
+        first_bad(stuck, resid, "residual on a zero coordinate of rms_unit(h*)", hint="use m6a")
     dg = xp.where(zero, xp.zeros_like(r), resid / xp.where(zero, xp.ones_like(r), r))
     return {down: m2(h_ctx, h_star - m_ctx, quantity="||h^C||^2"), norm: Scale(add=dg)}
 
