@@ -45,3 +45,65 @@ class ModelFileError(MinipatchError, ValueError):
 
 class UnsupportedArchitectureError(ModelFileError):
     """The checkpoint names an architecture minipatch does not implement."""
+
+
+class ConfigError(ModelFileError):
+    """A configuration field is missing, mistyped or out of range.
+
+    Attributes: ``source`` (the file or object the config came from, or None), ``field``
+    and ``value``, so the message names exactly what to fix.
+    """
+
+    def __init__(self, field, value, reason, *, source=None):
+        self.field = field
+        self.value = value
+        self.source = source
+        where = f"{source}: " if source else ""
+        super().__init__(f"{where}config field {field!r} = {value!r}: {reason}")
+
+
+class MethodError(InputError):
+    """A construction name (``method=``) that the block family does not have.
+
+    Attributes: ``method`` (what was asked), ``family`` and ``allowed`` (the names that
+    family accepts).
+    """
+
+    def __init__(self, method, family, allowed):
+        self.method = method
+        self.family = family
+        self.allowed = tuple(allowed)
+        super().__init__(f"method {method!r} is not a construction of the {family!r} block; "
+                         f"one of {', '.join(repr(a) for a in self.allowed)}")
+
+
+class NonFiniteError(MinipatchError, ValueError):
+    """A stream, hidden, patch or parameter holds NaN or inf (or overflowed).
+
+    Attributes name where: ``quantity``, ``layer``, ``sublayer``, ``position`` (the kept
+    token's original position) and ``value``; ``hint`` says what to try (e.g. float64).
+    """
+
+    def __init__(self, quantity, *, layer=None, sublayer=None, position=None, value=None, hint=""):
+        self.quantity = quantity
+        self.layer = layer
+        self.sublayer = sublayer
+        self.position = position
+        self.value = value
+        self.hint = hint
+        where = [f"layer {layer}" if layer is not None else None,
+                 f"sublayer {sublayer!r}" if sublayer is not None else None,
+                 f"token position {position}" if position is not None else None]
+        msg = f"non-finite {quantity}"
+        if value is not None:
+            msg += f" ({value!r})"
+        where = [w for w in where if w]
+        if where:
+            msg += " at " + ", ".join(where)
+        if hint:
+            msg += f" ({hint})"
+        super().__init__(msg)
+
+
+class PatchMismatchError(MinipatchError, ValueError):
+    """Patches applied to a model, positions, convention or dtype they were not made for."""
