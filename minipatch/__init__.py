@@ -9,7 +9,7 @@ See MATH.md labels M1..M8 in the docstrings of ``lemmas``, ``m6``, ``controllabi
 ``absorb``.
 """
 from . import models
-from .absorb import AbsorbResult, absorb, greedy, patched_forward
+from .absorb import AbsorbResult, Stream, absorb, absorb_prefill, absorb_step, greedy, patched_forward
 from .config import ModelConfig
 from .errors import (InputError, MinipatchError, ModelFileError, NotControllableError, ShapeError,
                      UnsupportedArchitectureError)
@@ -26,6 +26,6 @@ def load(path, dtype="float64"):
     return _load(path, dtype=dtype)
 
 
-__all__ = ["Model", "ModelConfig", "models", "absorb", "greedy", "patched_forward", "AbsorbResult",
+__all__ = ["Model", "ModelConfig", "models", "absorb", "absorb_prefill", "absorb_step", "Stream", "greedy", "patched_forward", "AbsorbResult",
            "Patches", "Rank1", "Scale", "Shift", "load", "NotControllableError", "ShapeError",
            "InputError", "ModelFileError", "UnsupportedArchitectureError", "MinipatchError"]

@@ -6,15 +6,20 @@ mixing, post-norm).
 
 - ``f`` is input-controllable: for z != 0 and any z' there are parameters theta' with
   f_theta'(z) = f_theta(z'). Every inner part here reads its (normalized) input only
-  through linear maps, so the witness is M1 on each of them with a shared v = n/||n||^2.
+  through linear maps, so the witness is M1 on each of them with a shared v = n/||n||^2
+  (:func:`inner_witness`).
 - ``g`` is output-controllable: for h (!= 0) and any delta there are phi' with
-  g_phi'(h) = g_phi(h) + delta. Witnesses: M2 on a weight, a bias shift, a post-norm
-  scale (M6a/b/c/d), or M2 on expert down-projections (the MoE parts are in
-  ``minipatch.experts``).
+  g_phi'(h) = g_phi(h) + delta. Witnesses: M2 on a weight (:func:`~minipatch.lemmas.m2`),
+  a bias shift (:func:`bias_witness`), a post-norm scale (M6a/b/c/d, :mod:`minipatch.m6`),
+  or M2 on expert down-projections (:mod:`minipatch.experts`).
 
 **M8.** With both, ``z + g_phi'(f_theta'(z)) = z^C + g(f(z^C))`` where theta' comes from
-(z, z^C) and phi' from (f(z^C), z^C - z): :func:`m8`. Every block family in
-``minipatch.blocks`` is a declaration of an inner and an outer part from this module.
+(z, z^C) and phi' from (f(z^C), z^C - z): :func:`m8`.
+
+Each part is a small frozen dataclass that declares its parameters (:meth:`shapes`), the
+outer constructions it accepts (:meth:`methods`), its forward and its witness; the witness
+itself is a plain function of arrays. Block families (``minipatch.blocks.families``) are
+declarations of one inner and one outer part.
 """
 from __future__ import annotations
 
@@ -22,10 +27,10 @@ from dataclasses import dataclass
 
 from . import m6
 from .backend import namespace
+from .errors import MethodError
 from .lemmas import m1, m2, safe_sqnorm
 from .ops import activation
 from .patches import Shift, linear, norm
-from .errors import NotControllableError
 
 
 def take_rows(h, idx):
@@ -33,6 +38,39 @@ def take_rows(h, idx):
     if isinstance(h, dict):
         return {k: take_rows(v, idx) for k, v in h.items()}
     return namespace(h).take(h, idx, axis=0)
+
+
+def norm_shapes(name, dim, kind):
+    """Parameter shapes of a norm: a scale, and a bias for LayerNorm."""
+    return {name + ".weight": (dim,), **({name + ".bias": (dim,)} if kind == "layer" else {})}
+
+
+def linear_shapes(name, out, inp, bias):
+    return {name + ".weight": (out, inp), **({name + ".bias": (out,)} if bias else {})}
+
+
+# ---- the witnesses, as plain functions of arrays -------------------------------------------
+
+def inner_witness(weights, n, n_ctx):
+    """Input controllability of a part that reads n only through linear maps (MATH.md M8 table).
+
+        dW = (W (n^C - n)) n^T / ||n||^2 for every reading weight W (M1), v shared
+
+    Then every W maps n to W n^C, so the part computes f(z^C) from z.
+
+    Args:
+      weights: dict name -> W [out, in] (or stacked experts [E, out, in]).
+      n, n_ctx: [T, in] the (normalized) inputs without / with context.
+    Returns:
+      dict name -> Rank1.
+    """
+    v = n / safe_sqnorm(n, "||n||^2 (normalized MLP input)")
+    return {name: m1(w, n, n_ctx, v=v) for name, w in weights.items()}
+
+
+def bias_witness(delta):
+    """Output controllability of a part with an output bias: b += delta (MATH.md M4, no condition)."""
+    return Shift(delta)
 
 
 # ---- input-controllable inner parts ------------------------------------------------------
@@ -51,6 +89,12 @@ class Inner:
         """Names of the weights that read the normalized input (M1 patches them)."""
         raise NotImplementedError
 
+    def shapes(self, cfg):
+        """name -> shape of this part's own parameters (the pre-norm only if it is its own)."""
+        if self.pre_norm and self.pre_norm != "attn_norm":
+            return norm_shapes(self.pre_norm, cfg.d_model, cfg.norm)
+        return {}
+
     def normalize(self, p, z, cfg):
         return norm(p, self.pre_norm, z, cfg) if self.pre_norm else z
 
@@ -58,15 +102,10 @@ class Inner:
         """The hidden f(z)."""
         return self.hidden(p, self.normalize(p, z, cfg), cfg, patch)
 
-    def witness(self, p, z, z_ctx, cfg, hidden_ctx=None):
-        """Input controllability: M1 on every reading weight, shared v = n / ||n||^2.
-
-        Then f'(z) = f(z^C): each weight W maps n to W n^C, and f depends on n only
-        through those products.
-        """
-        n, n_ctx = self.normalize(p, z, cfg), self.normalize(p, z_ctx, cfg)
-        v = n / safe_sqnorm(n, "||n||^2 (normalized MLP input)")
-        return {w + ".weight": m1(p[w + ".weight"], n, n_ctx, v=v) for w in self.reads(p)}
+    def witness(self, p, z, z_ctx, cfg):
+        """Input controllability: :func:`inner_witness` on the normalized inputs."""
+        weights = {w + ".weight": p[w + ".weight"] for w in self.reads(p)}
+        return inner_witness(weights, self.normalize(p, z, cfg), self.normalize(p, z_ctx, cfg))
 
 
 @dataclass(frozen=True)
@@ -78,6 +117,9 @@ class LinearInner(Inner):
 
     def reads(self, p):
         return (self.fc,)
+
+    def shapes(self, cfg):
+        return {**super().shapes(cfg), **linear_shapes(self.fc, cfg.d_ff, cfg.d_model, cfg.mlp_bias)}
 
     def hidden(self, p, n, cfg, patch=None):
         return activation(self.act)(linear(p, self.fc, n, patch))
@@ -102,6 +144,10 @@ class GatedInner(Inner):
     def reads(self, p):
         return (self.gate, self.up)
 
+    def shapes(self, cfg):
+        return {**super().shapes(cfg), **linear_shapes(self.gate, cfg.d_ff, cfg.d_model, cfg.mlp_bias),
+                **linear_shapes(self.up, cfg.d_ff, cfg.d_model, cfg.mlp_bias)}
+
     def hidden(self, p, n, cfg, patch=None):
         return activation(self.act)(linear(p, self.gate, n, patch)) * linear(p, self.up, n, patch)
 
@@ -110,101 +156,147 @@ class GatedInner(Inner):
 
 @dataclass(frozen=True)
 class LinearOuter:
-    """m = h W^T (+ b). Witness: M2 on W (needs h != 0); where h = 0 and the layer has a
-    bias, the bias witness ``b += delta`` (no condition) is used instead."""
+    """m = h W^T (+ b). Witness: M2 on W (``'m2'``, needs h != 0); with a bias also
+    ``'bias'`` (b += delta, no condition), which ``'auto'`` uses where a hidden is zero."""
 
     down: str = "down_proj"
+    bias: bool = False          # the output bias exists even without cfg.mlp_bias (M4)
+
+    def shapes(self, cfg):
+        return linear_shapes(self.down, cfg.d_model, cfg.d_ff, cfg.mlp_bias or self.bias)
+
+    def methods(self, cfg):
+        return ("auto", "m2", "bias") if (cfg.mlp_bias or self.bias) else ("auto", "m2")
 
     def forward(self, p, h, cfg, patch=None):
         return linear(p, self.down, h, patch)
 
+    def parts(self, p, h, cfg, patch=None):
+        """(down-projection output, part output): the same array here."""
+        m = self.forward(p, h, cfg, patch)
+        return m, m
+
     def witness(self, p, h, delta, cfg, method="auto"):
-        if method == "bias" or (method == "auto" and self._dead(h) and self.down + ".bias" in p):
-            return "bias", {self.down + ".bias": Shift(delta)}
+        if method == "bias" or (method == "auto" and self.down + ".bias" in p and _dead(h)):
+            return "bias", {self.down + ".bias": bias_witness(delta)}
         return "m2", {self.down + ".weight": m2(h, delta, quantity="||h^C||^2 (MLP hidden)")}
 
-    @staticmethod
-    def _dead(h):
-        xp = namespace(h)
-        return bool(xp.any(xp.sum(h * h, axis=-1) <= xp.finfo(h.dtype).smallest_normal))
+
+def _dead(h):
+    """True if some token's hidden is zero (to the dtype's smallest normal)."""
+    xp = namespace(h)
+    return bool(xp.any(xp.sum(h * h, axis=-1) <= xp.finfo(h.dtype).smallest_normal))
 
 
 @dataclass(frozen=True)
 class BiasOuter(LinearOuter):
     """m = h W^T + b with the bias witness b += delta (MATH.md M4)."""
 
-    def witness(self, p, h, delta, cfg, method="bias"):
-        return "bias", {self.down + ".bias": Shift(delta)}
+    bias: bool = True
+
+    def methods(self, cfg):
+        return ("auto", "bias")
+
+    def witness(self, p, h, delta, cfg, method="auto"):
+        return "bias", {self.down + ".bias": bias_witness(delta)}
 
 
 @dataclass(frozen=True)
 class RMSPostNormOuter:
     """m = rms_s(h W_down^T), s = offset + g (Gemma's post-FFW norm, OLMo 2).
 
-    Witness: one of the M6 constructions (``minipatch.m6``), chosen by ``method``.
+    Witness: one of the M6 constructions (:mod:`minipatch.m6`), chosen by ``method``.
     """
 
     down: str = "down_proj"
     norm: str = "mlp_post_norm"
 
+    def shapes(self, cfg):
+        return {**linear_shapes(self.down, cfg.d_model, cfg.d_ff, cfg.mlp_bias),
+                **norm_shapes(self.norm, cfg.d_model, "rms")}
+
+    def methods(self, cfg):
+        return ("auto",) + m6.METHODS
+
     def forward(self, p, h, cfg, patch=None):
-        return norm(p, self.norm, linear(p, self.down, h, patch), cfg, patch, kind="rms")
+        return self.parts(p, h, cfg, patch)[1]
+
+    def parts(self, p, h, cfg, patch=None):
+        d = linear(p, self.down, h, patch)
+        return d, norm(p, self.norm, d, cfg, patch, kind="rms")
+
+    def multiplier(self, p, cfg):
+        """s = offset + g, the unpatched post-norm multiplier [D]."""
+        g = p[self.norm + ".weight"]
+        return g + cfg.norm_offset if cfg.norm_offset else g
 
     def witness(self, p, h, delta, cfg, method="auto"):
-        method = "auto" if method in (None, "m2", "bias") else method
-        s = p[self.norm + ".weight"] + cfg.norm_offset if cfg.norm_offset else p[self.norm + ".weight"]
-        m_ctx = linear(p, self.down, h)
-        return m6.construct(method, s, cfg.norm_eps, h, m_ctx, delta,
-                            down=self.down + ".weight", norm=self.norm + ".weight")
-
-
-def _dev(x):
-    from .backend import device
-
-    return device(x)
+        name, (down, scale) = m6.construct(method, self.multiplier(p, cfg), cfg.norm_eps, h,
+                                           linear(p, self.down, h), delta)
+        patch = {self.norm + ".weight": scale}
+        if down is not None:
+            patch[self.down + ".weight"] = down
+        return name, patch
 
 
 # ---- the general theorem -----------------------------------------------------------------
 
-def m8(inner, outer, p, cfg, z, z_ctx, h_ctx, delta, method="auto"):
+def check_method(outer, cfg, method):
+    """Raise :class:`~minipatch.errors.MethodError` unless ``method`` is one of the outer part's."""
+    allowed = outer.methods(cfg)
+    if method not in allowed:
+        raise MethodError(method, cfg.family, allowed)
+
+
+def m8(inner, outer, p, cfg, z, z_ctx, h_ctx=None, delta=None, method="auto"):
     """The general theorem (MATH.md M8): one layer patch from the two witnesses.
 
+        theta' from (z, z^C) (input controllability), phi' from (f(z^C), delta)
+        (output controllability), so z + g'(f'(z)) = z + g(f(z^C)) + delta.
+
     Args:
-      inner, outer: the block's declared parts.
-      p: the layer's parameters.
+      inner, outer: the block's declared parts. p: the layer's parameters. cfg: the config.
       z, z_ctx: [T, D] MLP inputs without / with context (``z_ctx=None``: the MLP input
         does not see the context, as in parallel blocks, and no inner patch is made).
-      h_ctx: f(z^C), the with-context hidden at the kept tokens.
-      delta: [T, D] what the outer part must add (z^C - z, or Attn^C - Attn for parallel).
-      method: the outer witness ('auto', 'm6a', 'm6b', 'm6c', 'm2', 'bias', 'one', 'all').
+      h_ctx: the hidden the outer part sees after the inner patch, f(z^C) (None: computed).
+      delta: [T, D] what the outer part must add (z^C - z; Attn^C - Attn for parallel
+        blocks), or None for no outer patch (the vanilla M3 block, whose output is g(f(z))).
+      method: the outer witness, one of ``outer.methods(cfg)``.
     Returns:
       (name of the outer construction used, layer patch dict).
+    Raises:
+      MethodError: ``method`` is not one of the outer part's constructions.
     """
-    patch = {} if z_ctx is None else inner.witness(p, z, z_ctx, cfg, hidden_ctx=h_ctx)
+    check_method(outer, cfg, method)
+    patch = {} if z_ctx is None else inner.witness(p, z, z_ctx, cfg)
     if delta is None:
         return "none", patch
+    if h_ctx is None:
+        h_ctx = inner.forward(p, z if z_ctx is None else z_ctx, cfg)
     name, out = outer.witness(p, h_ctx, delta, cfg, method)
     patch.update(out)
     return name, patch
 
 
 def check_input_controllable(inner, p, cfg, z, z_target):
-    """Executable definition: max |f'(z) - f(z_target)| after the inner witness (should be ~0)."""
-    patch = inner.witness(p, z, z_target, cfg, hidden_ctx=inner.forward(p, z_target, cfg))
-    return _maxdiff(inner.forward(p, z, cfg, patch), inner.forward(p, z_target, cfg)), patch
+    """Executable definition: (max |f'(z) - f(z_target)| after the inner witness, patch)."""
+    patch = inner.witness(p, z, z_target, cfg)
+    return max_abs_diff(inner.forward(p, z, cfg, patch), inner.forward(p, z_target, cfg)), patch
 
 
 def check_output_controllable(outer, p, cfg, h, delta, method="auto"):
-    """Executable definition: max |g'(h) - (g(h) + delta)| after the outer witness."""
+    """Executable definition: (max |g'(h) - (g(h) + delta)| after the outer witness, patch)."""
+    check_method(outer, cfg, method)
     _, patch = outer.witness(p, h, delta, cfg, method)
-    return _maxdiff(outer.forward(p, h, cfg, patch), outer.forward(p, h, cfg) + delta), patch
+    return max_abs_diff(outer.forward(p, h, cfg, patch), outer.forward(p, h, cfg) + delta), patch
 
 
-def _maxdiff(a, b):
-    """max |a - b|; for MoE hiddens (dicts) over the parts the outer part reads."""
+def max_abs_diff(a, b):
+    """max |a - b| as a float; for MoE hiddens (dicts) over the parts the outer part reads
+    (each expert's hidden counts only where its gate is nonzero)."""
     if isinstance(a, dict):
         a, b = _used(a), _used(b)
-        return max(_maxdiff(a[k], b[k]) for k in a)
+        return max(max_abs_diff(a[k], b[k]) for k in a)
     xp = namespace(a, b)
     return float(xp.max(xp.abs(a - b)))
 
@@ -219,11 +311,9 @@ def _used(h):
     return dict(h, experts=xp.where(on, h["experts"], xp.zeros_like(h["experts"])))
 
 
-from .experts import MoEInner, MoEOuter, expert_linear  # noqa: E402  (MoE parts live in experts.py)
-
 __all__ = [
-    "Inner", "LinearInner", "GatedInner", "MoEInner", "IdentityActInner",
-    "LinearOuter", "BiasOuter", "RMSPostNormOuter", "MoEOuter",
-    "m8", "check_input_controllable", "check_output_controllable", "take_rows", "expert_linear",
-    "NotControllableError",
+    "Inner", "LinearInner", "GatedInner", "IdentityActInner",
+    "LinearOuter", "BiasOuter", "RMSPostNormOuter",
+    "inner_witness", "bias_witness", "m8", "check_method", "check_input_controllable",
+    "check_output_controllable", "max_abs_diff", "take_rows", "norm_shapes", "linear_shapes",
 ]

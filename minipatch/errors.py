@@ -105,5 +105,5 @@ class NonFiniteError(MinipatchError, ValueError):
         super().__init__(msg)
 
 
-class PatchMismatchError(MinipatchError, ValueError):
+class PatchMismatchError(InputError):
     """Patches applied to a model, positions, convention or dtype they were not made for."""

@@ -74,8 +74,8 @@ def round_params(params, fn=bf16_round):
     return out
 
 
-def round_patches(patches, fn=bf16_round):
-    """A copy of :class:`Patches` with every factor (u, v, d, add, mul) passed through ``fn``."""
+def round_layer(layer_patch, fn=bf16_round):
+    """A copy of one layer patch (dict) with every factor (u, v, d, add, mul) passed through ``fn``."""
     def one(p):
         if isinstance(p, Rank1):
             return Rank1(fn(p.u), fn(p.v))
@@ -85,8 +85,13 @@ def round_patches(patches, fn=bf16_round):
             return Scale(None if p.add is None else fn(p.add), None if p.mul is None else fn(p.mul))
         raise TypeError(f"unknown patch type {type(p).__name__}")
 
-    layers = tuple({k: one(p) for k, p in lp.items()} for lp in patches.layers)
-    return Patches(layers, patches.positions, patches.methods)
+    return {k: one(p) for k, p in layer_patch.items()}
+
+
+def round_patches(patches, fn=bf16_round):
+    """A copy of :class:`Patches` with every layer passed through :func:`round_layer`."""
+    return Patches(tuple(round_layer(lp, fn) for lp in patches.layers), patches.positions, patches.methods,
+                   patches.origin)
 
 
 def model_for(model64, dtype):
@@ -113,7 +118,7 @@ def patched_greedy(model, tokens, n_new, method, round_fn=None, callback=None):
     Returns:
       (ids int64 [n_new], last-position logits numpy [n_new, V]).
     """
-    patch_fn = None if round_fn is None else (lambda p: round_patches(p, round_fn))
+    patch_fn = None if round_fn is None else (lambda lp: round_layer(lp, round_fn))
     return greedy(model, tokens, n_new, context="all_but_last", method=method, callback=callback,
                   patch_fn=patch_fn)
 

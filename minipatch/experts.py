@@ -10,8 +10,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .backend import namespace
-from .controllability import Inner, _dev
+from .backend import device, namespace
+from .controllability import Inner, linear_shapes
+from .errors import MethodError
 from .lemmas import first_bad
 from .ops import activation, sigmoid, softmax
 from .patches import Rank1, linear
@@ -42,6 +43,16 @@ class MoEInner(Inner):
             names += ["shared.gate_proj", "shared.up_proj", "shared_gate"]
         return tuple(names)
 
+    def shapes(self, cfg):
+        D, F, E = cfg.d_model, cfg.d_ff, cfg.n_experts
+        s = {**super().shapes(cfg), "router.weight": (E, D), "experts.gate_proj.weight": (E, F, D),
+             "experts.up_proj.weight": (E, F, D)}
+        if cfg.d_ff_shared:
+            Fs = cfg.d_ff_shared
+            for name, out, inp in (("shared.gate_proj", Fs, D), ("shared.up_proj", Fs, D), ("shared_gate", 1, D)):
+                s.update(linear_shapes(name, out, inp, False))
+        return s
+
     def hidden(self, p, n, cfg, patch=None):
         xp = namespace(n)
         act = activation(self.act)
@@ -49,7 +60,7 @@ class MoEInner(Inner):
         order = xp.argsort(probs, axis=-1, descending=True, stable=True)
         top = order[:, : cfg.top_k]
         E = probs.shape[-1]
-        sel = xp.any(top[:, :, None] == xp.arange(E, device=_dev(n))[None, None, :], axis=1)
+        sel = xp.any(top[:, :, None] == xp.arange(E, device=device(n))[None, None, :], axis=1)
         gates = xp.where(sel, probs, xp.zeros_like(probs))
         if cfg.moe_renormalize:
             gates = gates / xp.sum(gates, axis=-1, keepdims=True)
@@ -61,14 +72,16 @@ class MoEInner(Inner):
             h["shared_gate"] = sigmoid(linear(p, "shared_gate", n, patch))
         return h
 
-    def witness(self, p, z, z_ctx, cfg, hidden_ctx=None):
+    def witness(self, p, z, z_ctx, cfg):
+        """M1 on every reading weight (:func:`~minipatch.controllability.inner_witness`),
+        keeping only the rows of the experts each token selects with context."""
         patch = Inner.witness(self, p, z, z_ctx, cfg)
-        if hidden_ctx is not None:  # keep only the selected experts' rows
-            xp = namespace(z)
-            on = xp.astype(hidden_ctx["gates"] != 0, z.dtype)[:, :, None]
-            for w in ("experts.gate_proj.weight", "experts.up_proj.weight"):
-                r = patch[w]
-                patch[w] = type(r)(r.u * on, r.v)
+        xp = namespace(z)
+        gates = self.forward(p, z_ctx, cfg)["gates"]
+        on = xp.astype(gates != 0, z.dtype)[:, :, None]
+        for w in ("experts.gate_proj.weight", "experts.up_proj.weight"):
+            r = patch[w]
+            patch[w] = type(r)(r.u * on, r.v)
         return patch
 
 
@@ -95,6 +108,19 @@ class MoEOuter:
     S the realised sum of active gates (1 after Mixtral's renormalisation, not for Qwen2-MoE).
     """
 
+    def shapes(self, cfg):
+        s = {"experts.down_proj.weight": (cfg.n_experts, cfg.d_model, cfg.d_ff)}
+        if cfg.d_ff_shared:
+            s.update(linear_shapes("shared.down_proj", cfg.d_model, cfg.d_ff_shared, False))
+        return s
+
+    def methods(self, cfg):
+        return ("auto", "one", "all")
+
+    def parts(self, p, h, cfg, patch=None):
+        m = self.forward(p, h, cfg, patch)
+        return m, m
+
     def forward(self, p, h, cfg, patch=None):
         xp = namespace(h["experts"])
         y = expert_linear(p, "experts.down_proj", h["experts"], patch)        # [T, E, D]
@@ -106,10 +132,10 @@ class MoEOuter:
     def witness(self, p, h, delta, cfg, method="auto"):
         xp = namespace(delta)
         gates, he = h["gates"], h["experts"]
-        if method in ("auto", "one", None):
+        if method in ("auto", "one"):
             best = xp.argmax(gates, axis=-1)
             E = gates.shape[-1]
-            onehot = best[:, None] == xp.arange(E, device=_dev(gates))[None, :]
+            onehot = best[:, None] == xp.arange(E, device=device(gates))[None, :]
             w = xp.sum(xp.where(onehot, gates, xp.zeros_like(gates)), axis=-1, keepdims=True)
             scale = xp.where(onehot, 1.0 / w, xp.zeros_like(gates))           # [T, E]
             name = "moe-one"
@@ -118,7 +144,7 @@ class MoEOuter:
             scale = xp.where(gates != 0, xp.broadcast_to(1.0 / S, gates.shape), xp.zeros_like(gates))
             name = "moe-all"
         else:
-            raise ValueError(f"unknown MoE witness {method!r}; 'one' or 'all'")
+            raise MethodError(method, cfg.family, self.methods(cfg))
         active = scale != 0
         sq = xp.sum(he * he, axis=-1)                                          # [T, E]
         dead = active & ~(sq > xp.finfo(he.dtype).smallest_normal)

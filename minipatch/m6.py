@@ -3,8 +3,9 @@
 Gemma's MLP sublayer ends ``out = y + rms_s(h W_down^T)`` with multiplier ``s = 1 + g_pf``
 (OLMo 2: ``s = g``). After M1 has patched the inner part so the hidden is ``h^C``, the
 outer part must add ``delta = y^C - y``: the post-norm must output ``t = s * u^C + delta``
-where ``u^C = rms_unit(m^C)`` and ``m^C = h^C W_down^T``. Each function returns the outer
-part of a layer patch: ``{down: Rank1 or absent, norm: Scale}``.
+where ``u^C = rms_unit(m^C)`` and ``m^C = h^C W_down^T``. Each function takes plain arrays
+``(s, eps, h_ctx, m_ctx, delta)`` and returns an :class:`M6Patch`: the Rank1 patch of
+W_down (None for M6a) and the Scale patch of the post-norm multiplier.
 
   m6a  the paper's construction (Goldwaser et al. 2025): elementwise scale only,
        dg = delta / u^C; needs every coordinate of u^C nonzero (above machine epsilon).
@@ -25,16 +26,27 @@ its ratio to the normalised output, which is what rounding amplifies.
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 from .backend import namespace
-from .errors import NotControllableError
+from .errors import MethodError, NotControllableError
 from .lemmas import first_bad, m2
 from .ops import rms_unit
 from .patches import Scale
 
 METHODS = ("m6a", "m6b", "m6c", "m6d")
+AUTO_ORDER = ("m6d", "m6c", "m6b", "m6a")   # what method="auto" tries, in order (see construct)
 
 
-def m6a(s, eps, h_ctx, m_ctx, delta, *, down, norm):
+class M6Patch(NamedTuple):
+    """The outer part of a Gemma layer patch: ``down`` Rank1 on W_down (None: untouched),
+    ``scale`` the Scale patch of the post-norm multiplier s."""
+
+    down: object
+    scale: Scale
+
+
+def m6a(s, eps, h_ctx, m_ctx, delta):
     """M6a: dg_pf = delta / u^C elementwise, so y + (s + dg) u^C = y^C + s u^C.
 
     Args:
@@ -42,7 +54,8 @@ def m6a(s, eps, h_ctx, m_ctx, delta, *, down, norm):
       h_ctx: [T, F] hidden with context (unused: W_down is untouched).
       m_ctx: [T, D] down-projection output with context.
       delta: [T, D] = y^C - y.
-      down, norm: parameter names of W_down and the norm scale.
+    Returns:
+      M6Patch(None, Scale(add=dg)).
     """
     xp = namespace(m_ctx)
     u = rms_unit(m_ctx, eps)
@@ -51,10 +64,10 @@ def m6a(s, eps, h_ctx, m_ctx, delta, *, down, norm):
     zero = xp.abs(u) <= xp.finfo(u.dtype).eps
     if bool(xp.any(zero)):
         first_bad(zero, u, "u^C coordinate", hint="M6a divides by every coordinate; use m6b or m6c")
-    return {norm: Scale(add=delta / u)}
+    return M6Patch(None, Scale(add=delta / u))
 
 
-def m6b(s, eps, h_ctx, m_ctx, delta, *, down, norm):
+def m6b(s, eps, h_ctx, m_ctx, delta):
     """M6b: M2 on W_down so it outputs v_t = t / s, then s -> s * sqrt(mean(v_t^2) + eps)."""
     xp = namespace(m_ctx)
     zero = s == 0
@@ -64,10 +77,10 @@ def m6b(s, eps, h_ctx, m_ctx, delta, *, down, norm):
     t = s * rms_unit(m_ctx, eps) + delta
     v_t = t / s
     mul = xp.sqrt(xp.mean(v_t * v_t, axis=-1, keepdims=True) + eps)
-    return {down: m2(h_ctx, v_t - m_ctx, quantity="||h^C||^2"), norm: Scale(mul=mul)}
+    return M6Patch(m2(h_ctx, v_t - m_ctx, quantity="||h^C||^2"), Scale(mul=mul))
 
 
-def m6c(s, eps, h_ctx, m_ctx, delta, *, down, norm):
+def m6c(s, eps, h_ctx, m_ctx, delta):
     """M6c: W_down outputs rho * y*, then an elementwise scale absorbs t - s * rms_unit(rho y*).
 
     y* = argmin ||s * y - t||^2 subject to mean(y^2) = 1 (see :func:`trust_region`),
@@ -85,10 +98,10 @@ def m6c(s, eps, h_ctx, m_ctx, delta, *, down, norm):
     s_solve = xp.where(s == 0, xp.ones_like(s), s)
     y = trust_region(s_solve, t)
     rho = xp.sqrt(xp.mean(m_ctx * m_ctx, axis=-1, keepdims=True))
-    return _down_then_scale(s, eps, t, h_ctx, m_ctx, rho * y, down, norm)
+    return _down_then_scale(s, eps, t, h_ctx, m_ctx, rho * y)
 
 
-def m6d(s, eps, h_ctx, m_ctx, delta, *, down, norm, floor=0.1):
+def m6d(s, eps, h_ctx, m_ctx, delta, floor=0.1):
     """M6d (ours): W_down outputs rho * y, y = (t / s_hat) / rms(t / s_hat); then the scale
     s -> s + dg with dg = (t - s * r) / r, r = rms_unit(rho * y), absorbs the remainder.
 
@@ -106,10 +119,10 @@ def m6d(s, eps, h_ctx, m_ctx, delta, *, down, norm, floor=0.1):
     ry = xp.sqrt(xp.mean(y * y, axis=-1, keepdims=True))
     rho = xp.sqrt(xp.mean(m_ctx * m_ctx, axis=-1, keepdims=True))
     h_star = rho * y / xp.where(ry == 0, xp.ones_like(ry), ry)
-    return _down_then_scale(s, eps, t, h_ctx, m_ctx, h_star, down, norm)
+    return _down_then_scale(s, eps, t, h_ctx, m_ctx, h_star)
 
 
-def _down_then_scale(s, eps, t, h_ctx, m_ctx, h_star, down, norm):
+def _down_then_scale(s, eps, t, h_ctx, m_ctx, h_star):
     """The common tail of M6c and M6d: M2 on W_down so it outputs ``h_star``, then the
     elementwise scale patch dg = (t - s r) / r, r = rms_unit(h_star), absorbs the remainder.
 
@@ -124,7 +137,7 @@ def _down_then_scale(s, eps, t, h_ctx, m_ctx, h_star, down, norm):
     if bool(xp.any(stuck)):
         first_bad(stuck, resid, "residual on a zero coordinate of rms_unit(h*)", hint="use m6a")
     dg = xp.where(zero, xp.zeros_like(r), resid / xp.where(zero, xp.ones_like(r), r))
-    return {down: m2(h_ctx, h_star - m_ctx, quantity="||h^C||^2"), norm: Scale(add=dg)}
+    return M6Patch(m2(h_ctx, h_star - m_ctx, quantity="||h^C||^2"), Scale(add=dg))
 
 
 def trust_region(s, t, iters=60):
@@ -186,27 +199,30 @@ def trust_region(s, t, iters=60):
 CONSTRUCTIONS = {"m6a": m6a, "m6b": m6b, "m6c": m6c, "m6d": m6d}
 
 
-def construct(method, s, eps, h_ctx, m_ctx, delta, *, down, norm):
-    """Run one construction by name; ``'auto'`` tries m6d, then m6c, then m6b, then m6a.
+def construct(method, s, eps, h_ctx, m_ctx, delta):
+    """Run one construction by name; ``'auto'`` tries :data:`AUTO_ORDER` (m6d, m6c, m6b, m6a)
+    and returns the first that has a witness.
 
-    The order is by numerical stability (see the module docstring): M6a divides by every
-    coordinate of u^C, so a
-    near-zero coordinate makes its scale patch huge and amplifies rounding (measured: a
-    scale patch of 6e5 and a float64 error of 1e-4 through 12 layers of a random model,
-    where M6b/M6c stay at 1e-15). M6a is still the only one that needs no s_i != 0.
+    The order is by conditioning (MATH.md M6d): M6d and M6b scale every coordinate by the
+    same factor where |s_i| is not tiny; M6c's residual scale grows like |mu| / s_i where
+    s_i is tiny; M6a divides by every coordinate of u^C. M6a is the only one that needs no
+    h^C != 0.
 
-    Returns (name actually used, patch dict).
+    Returns:
+      (name actually used, :class:`M6Patch`).
+    Raises:
+      MethodError: an unknown name. NotControllableError: no construction has a witness.
     """
     if method != "auto":
         try:
             fn = CONSTRUCTIONS[method]
         except KeyError:
-            raise ValueError(f"unknown M6 method {method!r}; one of {METHODS + ('auto',)}") from None
-        return method, fn(s, eps, h_ctx, m_ctx, delta, down=down, norm=norm)
+            raise MethodError(method, "post-norm (M6)", ("auto",) + METHODS) from None
+        return method, fn(s, eps, h_ctx, m_ctx, delta)
     err = None
-    for name in ("m6d", "m6c", "m6b", "m6a"):
+    for name in AUTO_ORDER:
         try:
-            return name, CONSTRUCTIONS[name](s, eps, h_ctx, m_ctx, delta, down=down, norm=norm)
+            return name, CONSTRUCTIONS[name](s, eps, h_ctx, m_ctx, delta)
         except NotControllableError as e:
             err = e
     raise err

@@ -13,8 +13,10 @@ import math
 import numpy as np
 
 from .backend import device, namespace, to, to_numpy
-from .blocks import block_forward, layer_shapes, spec_for
-from .errors import InputError, ShapeError
+from .blocks import attention_values, layer_shapes, mlp_values, spec_for
+from .blocks.base import KV
+from .errors import InputError, NonFiniteError, ShapeError
+from .finite import all_finite, check_values, first_row
 from .ops import softcap
 from .patches import norm
 from .validate import check_positions, check_tokens
@@ -115,39 +117,98 @@ class Model:
           tokens: int [T]. positions: int [T] strictly increasing (default 0..T-1).
           patches: :class:`~minipatch.patches.Patches` for exactly these positions.
           trace: optional dict, filled with ``embed``, ``layers`` (per-layer dicts of x, a, z,
-            h, m, out), ``hidden_states`` (HF layout: [0] embedding, [i] after layer i,
+            h, d, m, out), ``hidden_states`` (HF layout: [0] embedding, [i] after layer i,
             [L] after the final norm) and ``final``.
           window_by: 'position' (a sliding window counts original positions, the meaning of
             "context removed") or 'index' (Hugging Face's sequence-index convention).
         """
         tok, pos, pos_host = self._inputs(tokens, positions)
+        index = self._index(window_by, 0, pos.shape[0])
+        layers = self._patch_layers(patches, pos_host, window_by)
+        xf, _ = self._stack(self.embed(tok, pos), pos, layers, index, None, trace)
+        return self.logits(xf) if head else xf
+
+    # -- the layer loop, shared by run / prefill / step ------------------------------------
+    def _index(self, window_by, start, n):
         if window_by not in ("position", "index"):
             raise InputError(f"window_by must be 'position' or 'index', got {window_by!r}")
-        index = self.xp.arange(pos.shape[0], device=device(pos)) if window_by == "index" else None
-        if patches is not None:
-            patches.check(self.cfg.n_layers, pos.shape[0])
-            if patches.positions is not None and not np.array_equal(np.asarray(patches.positions), pos_host):
-                raise InputError(
-                    f"patches were made for positions {np.asarray(patches.positions).tolist()}, "
-                    f"not {pos_host.tolist()}")
-        x = self.embed(tok, pos)
-        layers = [] if trace is not None else None
-        hidden = [x] if trace is not None else None
+        if window_by == "position":
+            return None
+        return self.xp.arange(start, start + n, device=device(self.params["embed.weight"]))
+
+    def _patch_layers(self, patches, pos_host, window_by):
+        if patches is None:
+            return None
+        check_patches(patches, self, pos_host, window_by)
+        return patches.layers
+
+    def _stack(self, x, pos, layers, index, cache, trace):
+        """Every block on x [T, D] (after the cached tokens of ``cache``, a :class:`Cache` or
+        None); returns (final normed hidden [T, D], per-layer (k, v) of these tokens)."""
+        kvs, rows, hidden = [], [], [x]
         for l, lp in enumerate(self.params["layers"]):
-            tr = {} if trace is not None else None
-            x = block_forward(self.spec, lp, x, self.cfg, l, pos,
-                              patches.layers[l] if patches is not None else None, tr, index)
+            patch = layers[l] if layers is not None else None
+            past = cache.past(l) if cache is not None else None
+            at = attention_values(self.spec, lp, x, self.cfg, l, pos, patch, index, past)
+            ml = mlp_values(self.spec, lp, x, at.z, at.a, self.cfg, patch)
+            if not all_finite(ml.out):
+                check_values(dict(x=x, a=at.a, z=at.z, h=ml.h, d=ml.d, m=ml.m, out=ml.out), l, to_numpy(pos))
             if trace is not None:
-                layers.append(tr)
-                hidden.append(x)
+                rows.append(dict(x=x, a=at.a, z=at.z, h=ml.h, d=ml.d, m=ml.m, out=ml.out))
+                hidden.append(ml.out)
+            kvs.append((at.k, at.v))
+            x = ml.out
         xf = norm(self.params, "final_norm", x, self.cfg)
+        if not all_finite(xf):
+            raise NonFiniteError("final norm output", position=int(to_numpy(pos)[first_row(xf)]),
+                                 hint="check final_norm.weight")
         if trace is not None:
-            hidden[-1] = xf if self.cfg.n_layers else hidden[-1]
-            trace.update(embed=hidden[0], layers=layers, hidden_states=hidden, final=xf,
-                         final_prenorm=x)
-        if not head:
-            return xf
-        return self.logits(xf)
+            if self.cfg.n_layers:
+                hidden[-1] = xf
+            trace.update(embed=hidden[0], layers=rows, hidden_states=hidden, final=xf, final_prenorm=x)
+        return xf, kvs
+
+    # -- incremental decoding (KV cache) ---------------------------------------------------
+    def prefill(self, tokens, positions=None, patches=None, window_by="position", trace=None):
+        """Run ``tokens`` and keep every layer's keys and values for :meth:`step`.
+
+        Returns:
+          (logits [V] of the last token, :class:`Cache`). ``trace`` as in :meth:`run`.
+        """
+        tok, pos, pos_host = self._inputs(tokens, positions)
+        index = self._index(window_by, 0, pos.shape[0])
+        layers = self._patch_layers(patches, pos_host, window_by)
+        xf, kvs = self._stack(self.embed(tok, pos), pos, layers, index, None, trace)
+        cache = Cache.empty(self, window_by).extend(kvs, pos, pos_host)
+        return self.logits(xf[-1:, ...])[0, ...], cache
+
+    def step(self, cache, token, position=None, patches=None, trace=None):
+        """One more token after the cached ones: (logits [V], the extended :class:`Cache`).
+
+        Equal to the last row of :meth:`forward` on the whole sequence (float64: to ~1e-15).
+        ``cache`` is not changed: stepping twice from the same cache gives two branches.
+
+        Args:
+          token: one token id (or an int [T'] array of several, which are run together).
+          position: its position (default: one after the last cached one); several tokens
+            take an int [T'] array.
+          patches: :class:`~minipatch.patches.Patches` for exactly these new positions.
+        """
+        tokens = [token] if np.ndim(token) == 0 else token
+        t = check_tokens(tokens, self.cfg.vocab_size)
+        if position is None:
+            position = np.arange(t.size, dtype=np.int64) + (cache.last + 1)
+        elif np.ndim(position) == 0:
+            position = [position]
+        tok, pos, pos_host = self._inputs(t, position)
+        if pos_host[0] <= cache.last:
+            raise InputError(f"step position {int(pos_host[0])} is not after the cached position {cache.last}")
+        if cache.n_layers != self.cfg.n_layers:
+            raise InputError("this cache was made by another model")
+        index = self._index(cache.window_by, cache.n, pos.shape[0])
+        layers = self._patch_layers(patches, pos_host, cache.window_by)
+        xf, kvs = self._stack(self.embed(tok, pos), pos, layers, index, cache, trace)
+        return self.logits(xf[-1:, ...])[0, ...], cache.extend(kvs, pos, pos_host)
 
     def logits(self, xf):
         """[T, V] = final hidden @ head^T (+ head bias), soft-capped when the config says so."""
@@ -168,6 +229,123 @@ class Model:
     def __repr__(self):
         return (f"Model({self.cfg.family}, L={self.cfg.n_layers}, D={self.cfg.d_model}, "
                 f"V={self.cfg.vocab_size}, dtype={self.dtype})")
+
+
+class Cache:
+    """Keys and values of every layer for the tokens run so far (one model, one sequence).
+
+    Functional: :meth:`extend` returns a new cache and never changes what an existing one
+    sees. Buffers grow by doubling, so n steps cost O(n) copies in all; a cache that is
+    extended a second time (a branch) copies its rows instead of overwriting the first
+    branch's.
+
+    Attributes:
+      n: tokens cached. positions: numpy int64 [n]. last: the last position (-1 if none).
+      window_by: the sliding-window convention the keys were made with.
+    """
+
+    def __init__(self, n, positions, bufs, pos_buf, window_by, fill):
+        self.n, self.positions, self._bufs, self._pos = n, positions, bufs, pos_buf
+        self.window_by, self._fill = window_by, fill
+
+    @classmethod
+    def empty(cls, model, window_by="position"):
+        return cls(0, np.zeros(0, np.int64), [None] * model.cfg.n_layers, None, window_by, [0])
+
+    @property
+    def last(self):
+        return int(self.positions[-1]) if self.n else -1
+
+    @property
+    def n_layers(self):
+        return len(self._bufs)
+
+    def past(self, layer):
+        """The :class:`~minipatch.blocks.base.KV` of layer ``layer`` (None when empty)."""
+        if self.n == 0:
+            return None
+        kb, vb = self._bufs[layer]
+        xp = namespace(kb)
+        idx = xp.arange(self.n, device=device(kb)) if self.window_by == "index" else None
+        return KV(kb[: self.n, ...], vb[: self.n, ...], self._pos[: self.n], idx)
+
+    def extend(self, kvs, pos, pos_host):
+        """A cache with the per-layer (k [T, K, H], v) of T more tokens at ``pos`` appended."""
+        n, t = self.n, int(pos_host.shape[0])
+        first = kvs[0][0] if kvs else None
+        cap = 0 if self._pos is None else self._pos.shape[0]
+        if first is None:                       # a model without layers
+            return Cache(n + t, np.concatenate([self.positions, pos_host]), self._bufs, self._pos,
+                         self.window_by, self._fill)
+        xp = namespace(first)
+        if self._fill[0] == n and n + t <= cap:  # append in place: nobody else sees rows >= n
+            bufs, pos_buf, fill = self._bufs, self._pos, self._fill
+        else:                                   # grow (doubling) or branch: copy rows < n
+            cap = max(16, 2 * (n + t))
+            dev = device(first)
+            bufs = []
+            for l, (k, v) in enumerate(kvs):
+                kb = xp.zeros((cap,) + tuple(k.shape[1:]), dtype=k.dtype, device=dev)
+                vb = xp.zeros((cap,) + tuple(v.shape[1:]), dtype=v.dtype, device=dev)
+                if n:
+                    kb[:n, ...], vb[:n, ...] = self._bufs[l][0][:n, ...], self._bufs[l][1][:n, ...]
+                bufs.append((kb, vb))
+            pos_buf = xp.zeros((cap,), dtype=pos.dtype, device=dev)
+            if n:
+                pos_buf[:n] = self._pos[:n]
+            fill = [n]
+        for (kb, vb), (k, v) in zip(bufs, kvs):
+            kb[n:n + t, ...], vb[n:n + t, ...] = k, v
+        pos_buf[n:n + t] = pos
+        fill[0] = n + t
+        return Cache(n + t, np.concatenate([self.positions, pos_host]), bufs, pos_buf, self.window_by, fill)
+
+
+def check_patches(patches, model, positions, window_by="position"):
+    """Refuse patches that were not made for this model, these positions and this window
+    convention (:class:`~minipatch.errors.PatchMismatchError`). An
+    :class:`~minipatch.absorb.AbsorbResult` is accepted for its ``.patches``."""
+    from .errors import PatchMismatchError
+
+    patches = getattr(patches, "patches", patches)
+    if not hasattr(patches, "layers") or not hasattr(patches, "check"):
+        raise InputError(f"patches must be a minipatch Patches (or an AbsorbResult), got {type(patches).__name__}")
+    patches.check(model.cfg.n_layers, positions.shape[0])
+    if patches.positions is not None and not np.array_equal(np.asarray(patches.positions), positions):
+        raise PatchMismatchError(
+            f"patches were made for positions {np.asarray(patches.positions).tolist()}, "
+            f"not {positions.tolist()}")
+    made = getattr(patches, "origin", None)
+    if made is not None:
+        here = fingerprint(model)
+        for key in ("family", "config", "params", "dtype"):
+            if made.get(key) != here.get(key):
+                raise PatchMismatchError(f"patches were made for another model ({key} differs: "
+                                         f"{made.get(key)!r} vs {here.get(key)!r})")
+        if made.get("window_by", window_by) != window_by:
+            raise PatchMismatchError(f"patches were made with window_by={made['window_by']!r}, "
+                                     f"applied with window_by={window_by!r}")
+
+
+def fingerprint(model):
+    """What patches record about the model that made them: family, config digest, dtype and a
+    cheap parameter digest (a few strided values of every parameter), cached per model."""
+    fp = model.__dict__.get("_fingerprint")
+    if fp is None:
+        import hashlib
+
+        cfg = hashlib.sha256(repr(model.cfg).encode()).hexdigest()[:16]
+        h = hashlib.sha256()
+        items = sorted((k, v) for k, v in model.params.items() if k != "layers")
+        items += [(f"layers.{i}.{k}", v) for i, lp in enumerate(model.params["layers"]) for k, v in sorted(lp.items())]
+        for name, a in items:
+            flat = namespace(a).reshape(a, (-1,))
+            stride = max(1, flat.shape[0] // 64)
+            h.update(name.encode())
+            h.update(np.ascontiguousarray(to_numpy(flat[::stride]), dtype=np.float64).tobytes())
+        fp = {"family": model.cfg.family, "config": cfg, "params": h.hexdigest()[:16], "dtype": str(model.dtype)}
+        model.__dict__["_fingerprint"] = fp
+    return fp
 
 
 def numpy_logits(model, tokens, **kw):

@@ -196,8 +196,30 @@ def causal_mask(q_pos, k_pos, window=None, q_idx=None, k_idx=None):
     return vis
 
 
+def _scores(q, k, scale, cap):
+    """Grouped scores [K, G, T, S] ('TKGH,SKH->KGTS') and the kv-major views of k's values."""
+    xp = namespace(q, k)
+    T, N, H = q.shape
+    S, K, _ = k.shape
+    qg = xp.permute_dims(xp.reshape(q, (T, K, N // K, H)), (1, 2, 0, 3))   # [K, G, T, H]
+    kk = xp.permute_dims(k, (1, 2, 0))[:, None, :, :]                      # [K, 1, H, S]
+    return softcap((qg @ kk) * scale, cap)
+
+
+def _values(v):
+    xp = namespace(v)
+    return xp.permute_dims(v, (1, 0, 2))[:, None, :, :]                   # [K, 1, S, H]
+
+
+def _heads(out):
+    """[K, G, T, H] -> [T, N, H] (query head n reads kv head n // G)."""
+    xp = namespace(out)
+    K, G, T, H = out.shape
+    return xp.reshape(xp.permute_dims(out, (2, 0, 1, 3)), (T, K * G, H))
+
+
 def attention(q, k, v, mask, scale, cap=None):
-    """Grouped-query attention, vectorized over heads.
+    """Grouped-query attention with an explicit mask, vectorized over heads.
 
     einsum equivalent: scores 'TKGH,SKH->KGTS', out 'KGTS,SKH->TKGH'.
 
@@ -211,17 +233,102 @@ def attention(q, k, v, mask, scale, cap=None):
       [T, N, H].
     """
     xp = namespace(q, k, v)
-    T, N, H = q.shape
-    S, K, _ = k.shape
-    G = N // K
-    qg = xp.permute_dims(xp.reshape(q, (T, K, G, H)), (1, 2, 0, 3))      # [K, G, T, H]
-    kk = xp.permute_dims(k, (1, 2, 0))[:, None, :, :]                     # [K, 1, H, S]
-    vv = xp.permute_dims(v, (1, 0, 2))[:, None, :, :]                     # [K, 1, S, H]
-    scores = softcap((qg @ kk) * scale, cap)                              # [K, G, T, S]
+    scores = _scores(q, k, scale, cap)
     neg = xp.asarray(-xp.inf, dtype=scores.dtype, device=_dev(scores))
     probs = softmax(xp.where(mask, scores, neg), axis=-1)
-    out = probs @ vv                                                      # [K, G, T, H]
-    return xp.reshape(xp.permute_dims(out, (2, 0, 1, 3)), (T, N, H))
+    return _heads(probs @ _values(v))
+
+
+Q_BLOCK = 512      # queries per block of causal_attention
+K_BLOCK = 2048     # keys per chunk of its online softmax
+
+
+def key_range(q_first, q_last, k_pos, window=None, qi_first=None, k_idx=None):
+    """[lo, hi): the keys any query of a block can see, as one contiguous index range.
+
+    Keys are sorted by position (and index). A query at position p sees keys with
+    k_pos <= p; with a window W also k > q - W on positions (or on indices when ``k_idx``
+    is given). For the block's first query q_first and last q_last (host ints), every
+    visible key lies in [lo, hi). ``k_pos``/``k_idx`` are host int arrays.
+    """
+    import numpy as np
+
+    hi = int(np.searchsorted(k_pos, q_last, side="right"))
+    if not window:
+        return 0, hi
+    if k_idx is None:
+        lo = int(np.searchsorted(k_pos, q_first - window, side="right"))
+    else:
+        lo = int(np.searchsorted(k_idx, qi_first - window, side="right"))
+    return min(lo, hi), hi
+
+
+def causal_attention(q, k, v, q_pos, k_pos, scale, window=None, q_idx=None, k_idx=None, cap=None,
+                     q_block=None, k_block=None):
+    """Causal (optionally sliding-window) grouped-query attention in bounded memory.
+
+    The same function as :func:`attention` with :func:`causal_mask`, computed per block of
+    ``q_block`` queries over only the keys that block can see (:func:`key_range`: a sliding
+    window skips every key block outside it). A block whose key range is at most
+    ``k_block`` long is one masked softmax (exactly :func:`attention`); a longer range is
+    swept in chunks of ``k_block`` keys with an online softmax (running max m, normaliser
+    l, accumulator o: m' = max(m, rowmax s), o' = o e^{m - m'} + e^{s - m'} v,
+    l' = l e^{m - m'} + sum e^{s - m'}; out = o / l). Memory is O(q_block * k_block) per
+    head, not O(T * S); the loop runs over blocks, never over tokens or heads.
+
+    Args:
+      q: [T, N, H]; k, v: [S, K, H]. q_pos [T], k_pos [S]: backend int arrays, strictly
+        increasing, every query sees at least its own key (k_pos contains q_pos).
+      window: sliding window W or None; q_idx/k_idx: sequence indices for Hugging Face's
+        window convention (None: the window counts positions).
+    Returns:
+      [T, N, H].
+    """
+    from .backend import to_numpy
+
+    xp = namespace(q, k, v)
+    q_block, k_block = q_block or Q_BLOCK, k_block or K_BLOCK
+    T, S = q.shape[0], k.shape[0]
+    qp, kp = to_numpy(q_pos), to_numpy(k_pos)
+    qi = None if q_idx is None else to_numpy(q_idx)
+    ki = None if k_idx is None else to_numpy(k_idx)
+    if T <= q_block and S <= k_block:          # the common small case: one masked softmax
+        return attention(q, k, v, causal_mask(q_pos, k_pos, window, q_idx, k_idx), scale, cap)
+    outs = []
+    for r0 in range(0, T, q_block):
+        r1 = min(r0 + q_block, T)
+        lo, hi = key_range(int(qp[r0]), int(qp[r1 - 1]), kp, window,
+                           None if qi is None else int(qi[r0]), ki)
+        qb = q[r0:r1, ...]
+        sub = (lambda a, b: (q_pos[r0:r1], k_pos[a:b],
+                             None if q_idx is None else q_idx[r0:r1], None if k_idx is None else k_idx[a:b]))
+        if hi - lo <= k_block:
+            qpos, kpos, qix, kix = sub(lo, hi)
+            outs.append(attention(qb, k[lo:hi, ...], v[lo:hi, ...],
+                                  causal_mask(qpos, kpos, window, qix, kix), scale, cap))
+            continue
+        m = l = acc = None
+        for c0 in range(lo, hi, k_block):
+            c1 = min(c0 + k_block, hi)
+            qpos, kpos, qix, kix = sub(c0, c1)
+            s = _scores(qb, k[c0:c1, ...], scale, cap)                     # [K, G, Tb, Sc]
+            vis = causal_mask(qpos, kpos, window, qix, kix)
+            neg = xp.asarray(-xp.inf, dtype=s.dtype, device=_dev(s))
+            s = xp.where(vis, s, neg)
+            cm = xp.max(s, axis=-1, keepdims=True)
+            m_new = cm if m is None else xp.maximum(m, cm)
+            safe = xp.where(m_new == neg, xp.zeros_like(m_new), m_new)     # rows with nothing seen yet
+            e = xp.exp(s - safe)
+            pv = e @ _values(v[c0:c1, ...])
+            if m is None:
+                l, acc = xp.sum(e, axis=-1, keepdims=True), pv
+            else:
+                alpha = xp.where(m == neg, xp.zeros_like(m), xp.exp(m - safe))
+                l = l * alpha + xp.sum(e, axis=-1, keepdims=True)
+                acc = acc * alpha + pv
+            m = m_new
+        outs.append(_heads(acc / l))
+    return outs[0] if len(outs) == 1 else xp.concat(outs, axis=0)
 
 
 def _dev(x):

@@ -103,11 +103,15 @@ class Patches:
       layers: tuple of L dicts.
       positions: numpy int64 [T_K], the kept positions these patches were made for.
       methods: per-layer name of the construction used (e.g. 'm6a').
+      origin: what made them (None: unbound): the model's fingerprint (family, config and
+        parameter digests, dtype), ``window_by`` and ``order``. Applying them to another
+        model or convention raises :class:`~minipatch.errors.PatchMismatchError`.
     """
 
     layers: tuple
     positions: object
     methods: tuple = ()
+    origin: object = None
 
     def __len__(self):
         return len(self.layers)
@@ -132,7 +136,7 @@ class Patches:
         import numpy as np
 
         return Patches(tuple({k: sub(p) for k, p in lp.items()} for lp in self.layers),
-                       np.asarray(self.positions)[np.asarray(rows)], self.methods)
+                       np.asarray(self.positions)[np.asarray(rows)], self.methods, self.origin)
 
     def norms(self):
         """Per layer, per parameter: numpy [T_K] Frobenius norm of each token's patch."""
@@ -156,6 +160,26 @@ class Patches:
                     row[name] = np.linalg.norm(np.concatenate(parts, axis=-1), axis=-1)
             out.append(row)
         return out
+
+
+def concat_patches(parts):
+    """One :class:`Patches` for the kept tokens of several (in order), e.g. a stream's steps."""
+    import numpy as np
+
+    parts = list(parts)
+    if len(parts) == 1:
+        return parts[0]
+
+    def cat(ps):
+        first = ps[0]
+        xp = namespace(*(a for a in vars(first).values() if a is not None))
+        return type(first)(*[None if getattr(first, f) is None else xp.concat([getattr(p, f) for p in ps], axis=0)
+                             for f in vars(first)])
+
+    layers = tuple({k: cat([pt.layers[l][k] for pt in parts]) for k in parts[0].layers[l]}
+                   for l in range(len(parts[0].layers)))
+    return Patches(layers, np.concatenate([np.asarray(p.positions) for p in parts]), parts[0].methods,
+                   parts[0].origin)
 
 
 def _device_of(p):
@@ -188,17 +212,25 @@ def linear(params, name, x, patch=None):
 
 def norm(params, name, x, cfg, patch=None, kind=None):
     """The model's norm (RMSNorm with ``cfg.norm_offset`` or LayerNorm) at parameter ``name``,
-    with a :class:`Scale` patch on ``name.weight`` applied to the multiplier."""
-    from .ops import layer_unit, rms_unit
+    with a :class:`Scale` patch on ``name.weight`` applied to the multiplier.
 
+    Raises NonFiniteError where the mean square overflows although x is finite (float32
+    streams beyond ~1e19; :mod:`minipatch.finite`).
+    """
+    from .finite import check_mean_square
+
+    xp = namespace(x)
     kind = kind or cfg.norm
     g = params[name + ".weight"]
     s = g + cfg.norm_offset if (kind == "rms" and cfg.norm_offset) else g
     p = patch.get(name + ".weight") if patch else None
     if p is not None:
         s = p.multiplier(s)
+    c = x if kind == "rms" else x - xp.mean(x, axis=-1, keepdims=True)
+    ms = xp.mean(c * c, axis=-1, keepdims=True)
+    check_mean_square(x, ms)
+    y = c / xp.sqrt(ms + cfg.norm_eps) * s
     if kind == "rms":
-        return rms_unit(x, cfg.norm_eps) * s
-    y = layer_unit(x, cfg.norm_eps) * s
+        return y
     b = params.get(name + ".bias")
     return y if b is None else y + b

@@ -56,3 +56,19 @@ def split_context(context, n):
     if kept.size == 0:
         raise InputError("context covers every position: no token is kept")
     return np.sort(c), kept
+
+
+def check_choice(value, allowed, what):
+    """``value`` if it is one of ``allowed`` (strings), else a named InputError listing them."""
+    if not isinstance(value, str) or value not in allowed:
+        raise InputError(f"{what} must be one of {', '.join(repr(a) for a in allowed)}, got {value!r}")
+    return value
+
+
+def check_count(n, what):
+    """A non-negative Python int from ``n`` (bool, float and negative values are refused)."""
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)):
+        raise InputError(f"{what} must be a non-negative integer, got {n!r}")
+    if n < 0:
+        raise InputError(f"{what} must be a non-negative integer, got {n}")
+    return int(n)

@@ -31,7 +31,7 @@ import numpy as np
 
 import minipatch
 from minipatch import NotControllableError
-from minipatch.controllability import (GatedInner, IdentityActInner, _maxdiff, check_input_controllable,
+from minipatch.controllability import (GatedInner, IdentityActInner, max_abs_diff, check_input_controllable,
                                        check_output_controllable, m8)
 from minipatch.models import tiny
 
@@ -116,13 +116,13 @@ for name, family, make in INNER:
     target = inner.forward(p, zt, cfg)
     err, patch = check_input_controllable(inner, p, cfg, z, zt)
     table.append(("inner", name, family, ", ".join(sorted(patch)), err / size(target),
-                  _maxdiff(inner.forward(p, z, cfg), target) / size(target)))
+                  max_abs_diff(inner.forward(p, z, cfg), target) / size(target)))
 for name, family, method in OUTER:
     p, cfg, spec = layer(family)
     h = spec.inner.forward(p, rng.standard_normal((T, D)), cfg)
     delta = rng.standard_normal((T, D))
     err, patch = check_output_controllable(spec.outer, p, cfg, h, delta, method)
-    gap = _maxdiff(spec.outer.forward(p, h, cfg), spec.outer.forward(p, h, cfg) + delta)
+    gap = max_abs_diff(spec.outer.forward(p, h, cfg), spec.outer.forward(p, h, cfg) + delta)
     table.append(("outer", name, family, ", ".join(sorted(patch)), err / np.abs(delta).max(), gap / np.abs(delta).max()))
 print(f"{'part':5s}  {'witness':44s} {'family':10s} {'rel. error':>10s} {'unpatched':>9s}  patched parameters")
 for kind, name, family, names, err, gap in table:

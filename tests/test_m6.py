@@ -116,14 +116,14 @@ def test_m6c_residual_is_smallest():
     h, W = rng.standard_normal((T, F)), rng.standard_normal((D, F)) / np.sqrt(F)
     m = h @ W.T
     delta = 0.5 * rng.standard_normal((T, D))
-    pc = m6c(s, 1e-6, h, m, delta, down="d", norm="n")
-    r = rms_unit(pc["d"].apply(h, m), 1e-6)
+    pc = m6c(s, 1e-6, h, m, delta)
+    r = rms_unit(pc.down.apply(h, m), 1e-6)
     t = s * rms_unit(m, 1e-6) + delta
     assert np.all(np.linalg.norm(t - s * r, axis=1) <= np.linalg.norm(delta, axis=1) + 1e-12)
-    pa = m6a(s, 1e-6, h, m, delta, down="d", norm="n")
+    pa = m6a(s, 1e-6, h, m, delta)
     # the patched post-norm output is t for both
-    np.testing.assert_allclose(pa["n"].multiplier(s) * rms_unit(m, 1e-6), t, rtol=1e-12)
-    np.testing.assert_allclose(pc["n"].multiplier(s) * r, t, rtol=1e-10)
+    np.testing.assert_allclose(pa.scale.multiplier(s) * rms_unit(m, 1e-6), t, rtol=1e-12)
+    np.testing.assert_allclose(pc.scale.multiplier(s) * r, t, rtol=1e-10)
 
 
 def test_trust_region_regular_and_hard_case():
@@ -162,8 +162,8 @@ def test_hard_case_block_theorem():
     t = np.zeros((T, D))
     t[:, 2:] = 0.05 * rng.standard_normal((T, D - 2))
     delta = t - s * u                          # so that the goal is exactly t
-    pc = m6c(s, 1e-6, h, m, delta, down="d", norm="n")
-    out = pc["n"].multiplier(s) * rms_unit(pc["d"].apply(h, m), 1e-6)
+    pc = m6c(s, 1e-6, h, m, delta)
+    out = pc.scale.multiplier(s) * rms_unit(pc.down.apply(h, m), 1e-6)
     np.testing.assert_allclose(out, t, atol=1e-12)
 
 
@@ -179,9 +179,9 @@ def test_m6a_zero_coordinate_and_auto(gemma64):
     W[3] = 0.0                                 # coordinate 3 of m^C is exactly 0
     m, delta = h @ W.T, rng.standard_normal((2, D))
     with pytest.raises(NotControllableError) as e:
-        m6a(s, 1e-6, h, m, delta, down="d", norm="n")
+        m6a(s, 1e-6, h, m, delta)
     assert "u^C" in e.value.quantity and e.value.position == 0
-    name, _ = construct("auto", s, 1e-6, h, m, delta, down="d", norm="n")
+    name, _ = construct("auto", s, 1e-6, h, m, delta)
     assert name == "m6d"
 
 
@@ -199,14 +199,14 @@ def test_m6c_with_zero_multiplier_entries():
     h, W = rng.standard_normal((T, F)), rng.standard_normal((D, F))
     m, delta = h @ W.T, rng.standard_normal((T, D))       # delta != 0 where s = 0
     t = s * rms_unit(m, 1e-6) + delta
-    pc = m6c(s, 1e-6, h, m, delta, down="d", norm="n")
-    out = pc["n"].multiplier(s) * rms_unit(pc["d"].apply(h, m), 1e-6)
+    pc = m6c(s, 1e-6, h, m, delta)
+    out = pc.scale.multiplier(s) * rms_unit(pc.down.apply(h, m), 1e-6)
     assert rel_err(out, t) <= TOL64_BLOCK
     with pytest.raises(NotControllableError):
-        m6b(s, 1e-6, h, m, delta, down="d", norm="n")
-    assert construct("auto", s, 1e-6, h, m, delta, down="d", norm="n")[0] == "m6d"
-    pd = construct("m6d", s, 1e-6, h, m, delta, down="d", norm="n")[1]
-    out = pd["n"].multiplier(s) * rms_unit(pd["d"].apply(h, m), 1e-6)
+        m6b(s, 1e-6, h, m, delta)
+    assert construct("auto", s, 1e-6, h, m, delta)[0] == "m6d"
+    pd = construct("m6d", s, 1e-6, h, m, delta)[1]
+    out = pd.scale.multiplier(s) * rms_unit(pd.down.apply(h, m), 1e-6)
     assert rel_err(out, t) <= TOL64_BLOCK
 
 
@@ -218,13 +218,19 @@ def test_m6b_needs_nonzero_multiplier():
     h = rng.standard_normal((2, 3))
     m, delta = h @ rng.standard_normal((4, 3)).T, rng.standard_normal((2, 4))
     with pytest.raises(NotControllableError, match="multiplier"):
-        m6b(s, 1e-6, h, m, delta, down="d", norm="n")
-    m6a(s, 1e-6, h, m, delta, down="d", norm="n")   # M6a still works
+        m6b(s, 1e-6, h, m, delta)
+    m6a(s, 1e-6, h, m, delta)   # M6a still works
 
 
 def test_unknown_method(gemma64):
-    with pytest.raises(ValueError, match="unknown M6 method"):
-        mp.absorb(gemma64, [1, 2, 3, 4], [1, 2], method="m6z")
+    """A name that is not a post-norm construction (also M2, a linear outer's) is a MethodError
+    listing the family's constructions."""
+    from minipatch.errors import MethodError
+
+    for bad in ("m6z", "m2", "bias", "one"):
+        with pytest.raises(MethodError, match="m6d") as e:
+            mp.absorb(gemma64, [1, 2, 3, 4], [1, 2], method=bad)
+        assert e.value.allowed == ("auto", "m6a", "m6b", "m6c", "m6d") and isinstance(e.value, ValueError)
 
 
 def test_m6d_is_well_conditioned_for_large_delta():
@@ -247,8 +253,8 @@ def test_m6d_is_well_conditioned_for_large_delta():
     h_noisy = h * (1 + 1e-13 * rng.standard_normal(h.shape))
     errs, sizes = {}, {}
     for name, fn in (("m6c", m6c), ("m6d", m6d)):
-        p = fn(s, 1e-6, h, m, delta, down="d", norm="n")
-        out = p["n"].multiplier(s) * rms_unit(p["d"].apply(h_noisy, h_noisy @ W.T), 1e-6)
-        errs[name], sizes[name] = rel_err(out, t), float(np.max(np.abs(p["n"].add)))
+        p = fn(s, 1e-6, h, m, delta)
+        out = p.scale.multiplier(s) * rms_unit(p.down.apply(h_noisy, h_noisy @ W.T), 1e-6)
+        errs[name], sizes[name] = rel_err(out, t), float(np.max(np.abs(p.scale.add)))
     assert errs["m6d"] <= 1e-12 < errs["m6c"]
     assert sizes["m6d"] < sizes["m6c"] / 10

@@ -15,10 +15,11 @@ Attention may have a pre-norm (``attn_norm``) and a post-norm on its output
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from ..backend import namespace
-from ..controllability import m8, take_rows
-from ..ops import apply_rope, attention, causal_mask, rope_angles
+from ..controllability import linear_shapes, m8, norm_shapes, take_rows
+from ..ops import apply_rope, causal_attention, rope_angles
 from ..patches import linear, norm
 
 
@@ -83,30 +84,82 @@ def mlp_input(spec, p, x, a, cfg, patch=None):
     return x + a
 
 
-def attn_sublayer(spec, p, x, cfg, layer, positions, patch=None, trace=None, index=None):
-    """From the layer input x [T, D] to the MLP input z and the attention output a.
+class AttnValues(NamedTuple):
+    """What the attention sublayer gives for T query tokens.
+
+    z: [T, D] the MLP input. a: [T, D] the attention output (after o_proj and any
+    post-attention norm). k, v: [T, K, H] these tokens' keys (after k-norm and RoPE) and
+    values, for a KV cache.
+    """
+
+    z: object
+    a: object
+    k: object
+    v: object
+
+
+class KV(NamedTuple):
+    """Keys and values of earlier tokens for one layer: k, v [S, K, H] and their positions
+    ``pos`` [S] (backend ints) and sequence indices ``idx`` [S] (or None: not needed)."""
+
+    k: object
+    v: object
+    pos: object
+    idx: object = None
+
+
+def attention_values(spec, p, x, cfg, layer, positions, patch=None, index=None, past=None):
+    """The attention sublayer on x [T, D] at ``positions``, optionally after cached tokens.
 
     Args:
-      positions: int [T] (RoPE and causality).
+      positions: int [T] (RoPE and causality), strictly increasing, after ``past.pos``.
       index: int [T] sequence indices; when given, the sliding window is measured on them
         (Hugging Face's convention) instead of on positions.
+      past: :class:`KV` of earlier tokens (None: the T tokens attend among themselves).
+    Returns:
+      :class:`AttnValues`.
     """
+    xp = namespace(x)
     q, k, v = project_qkv(p, norm(p, "attn_norm", x, cfg) if spec.attn_pre_norm else x,
                           cfg, layer, positions, patch)
-    mask = causal_mask(positions, positions, cfg.window(layer), index, index)
-    o = attention(q, k, v, mask, cfg.score_scale, cfg.attn_softcap)
+    if past is None:
+        kk, vv, kpos, kidx = k, v, positions, index
+    else:
+        kk, vv = xp.concat([past.k, k], axis=0), xp.concat([past.v, v], axis=0)
+        kpos = xp.concat([past.pos, positions], axis=0)
+        kidx = None if index is None else xp.concat([past.idx, index], axis=0)
+    o = causal_attention(q, kk, vv, positions, kpos, cfg.score_scale, cfg.window(layer),
+                         index, kidx, cfg.attn_softcap)
     a = attention_output(spec, p, o, cfg, patch)
-    z = mlp_input(spec, p, x, a, cfg, patch)
+    return AttnValues(mlp_input(spec, p, x, a, cfg, patch), a, k, v)
+
+
+def attn_sublayer(spec, p, x, cfg, layer, positions, patch=None, trace=None, index=None):
+    """From the layer input x [T, D] to (z, a): the MLP input and the attention output.
+
+    See :func:`attention_values` (which also returns keys and values for a cache);
+    ``trace`` (optional dict) receives x, a, z.
+    """
+    r = attention_values(spec, p, x, cfg, layer, positions, patch, index)
     if trace is not None:
-        trace.update(x=x, a=a, z=z)
-    return z, a
+        trace.update(x=x, a=r.a, z=r.z)
+    return r.z, r.a
 
 
-def block_forward(spec, p, x, cfg, layer, positions, patch=None, trace=None, index=None):
-    """One block: [T, D] -> [T, D], with an optional layer patch."""
-    z, a = attn_sublayer(spec, p, x, cfg, layer, positions, patch, trace, index)
+class MLPValues(NamedTuple):
+    """The MLP sublayer's values: h [T, F] hidden (a dict for MoE), d the down-projection
+    output, m the outer part's output (d after any post-norm), out [T, D] the block output."""
+
+    h: object
+    d: object
+    m: object
+    out: object
+
+
+def mlp_values(spec, p, x, z, a, cfg, patch=None):
+    """From the MLP input z (and the layer input x, attention output a) to the block output."""
     h = spec.inner.forward(p, z, cfg, patch)
-    m = spec.outer.forward(p, h, cfg, patch)
+    d, m = spec.outer.parts(p, h, cfg, patch)
     if spec.layout == "parallel":
         out = x + a + m
     elif spec.layout == "noskip":
@@ -115,82 +168,70 @@ def block_forward(spec, p, x, cfg, layer, positions, patch=None, trace=None, ind
         out = norm(p, spec.res_norms[1], z + m, cfg, patch)
     else:
         out = z + m
+    return MLPValues(h, d, m, out)
+
+
+def block_forward(spec, p, x, cfg, layer, positions, patch=None, trace=None, index=None):
+    """One block: [T, D] -> [T, D], with an optional layer patch.
+
+    ``trace`` (optional dict) receives x, a, z, h, d, m, out (the top-level forward's trace).
+    """
+    at = attention_values(spec, p, x, cfg, layer, positions, patch, index)
+    ml = mlp_values(spec, p, x, at.z, at.a, cfg, patch)
     if trace is not None:
-        trace.update(h=h, m=m, out=out)
-    return out
+        trace.update(x=x, a=at.a, z=at.z, h=ml.h, d=ml.d, m=ml.m, out=ml.out)
+    return ml.out
 
 
-def layer_patch(spec, p, cfg, tr, tr_ctx, method="auto"):
+def layer_patch(spec, p, cfg, noctx, ctx, method="auto"):
     """The block theorem for one layer (M8 specialised by the layout).
 
     Args:
-      tr: trace of the attention sublayer without context (x, a, z) at the kept tokens.
-      tr_ctx: trace of the with-context block at the kept tokens (x, a, z, h).
+      noctx: without-context values at the kept tokens: a mapping with x, a, z (the
+        attention sublayer run on the stream the patched model has there).
+      ctx: with-context values at the kept tokens: x, a, z, h (and out for parallel blocks).
+      method: the outer construction, one of ``spec.outer.methods(cfg)``.
     Returns:
       (construction name, layer patch dict).
+
+    Sequential and post-norm layouts: the inner witness maps z to z^C, the outer one adds
+    delta = z^C - z. Parallel: the MLP reads x, not the context; the outer witness adds
+    delta = out^C - (x + a + g(f(x))) at h = f(x) (= Attn^C - Attn when x = x^C).
+    No-skip (M3): matching the hidden is enough.
     """
-    if spec.layout == "parallel":   # the MLP input does not see the context
-        return m8(spec.inner, spec.outer, p, cfg, tr["z"], None, tr_ctx["h"], tr_ctx["a"] - tr["a"], method)
-    if spec.layout == "noskip":     # no residual: matching the hidden is enough (M3)
-        return m8(spec.inner, spec.outer, p, cfg, tr["z"], tr_ctx["z"], tr_ctx["h"], None, method)
-    return m8(spec.inner, spec.outer, p, cfg, tr["z"], tr_ctx["z"], tr_ctx["h"],
-              tr_ctx["z"] - tr["z"], method)
+    if spec.layout == "parallel":
+        x = noctx["x"]
+        if "out" in ctx:
+            h = spec.inner.forward(p, x, cfg)
+            delta = ctx["out"] - (x + noctx["a"] + spec.outer.forward(p, h, cfg))
+        else:
+            h, delta = ctx["h"], ctx["a"] - noctx["a"]
+        return m8(spec.inner, spec.outer, p, cfg, x, None, h, delta, method)
+    if spec.layout == "noskip":
+        return m8(spec.inner, spec.outer, p, cfg, noctx["z"], ctx["z"], ctx["h"], None, method)
+    return m8(spec.inner, spec.outer, p, cfg, noctx["z"], ctx["z"], ctx["h"], ctx["z"] - noctx["z"], method)
 
 
 def layer_shapes(spec, cfg):
-    """name -> shape of every parameter of one layer of this family."""
-    D, N, K, H, F = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.d_head, cfg.d_ff
-    shapes = {}
-
-    def add_norm(name, dim=D, kind=None):
-        shapes[name + ".weight"] = (dim,)
-        if (kind or cfg.norm) == "layer":
-            shapes[name + ".bias"] = (dim,)
-
-    def add_linear(name, out, inp, bias):
-        shapes[name + ".weight"] = (out, inp)
-        if bias:
-            shapes[name + ".bias"] = (out,)
-
-    if spec.attn_pre_norm:
-        add_norm("attn_norm")
-    add_linear("q_proj", N * H, D, cfg.attn_bias)
-    add_linear("k_proj", K * H, D, cfg.attn_bias)
-    add_linear("v_proj", K * H, D, cfg.attn_bias)
-    add_linear("o_proj", D, N * H, cfg.o_bias)
+    """name -> shape of every parameter of one layer of this family: the attention
+    sublayer's, then the inner and outer parts' own (:meth:`shapes`)."""
+    D, N, K, H = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.d_head
+    s = norm_shapes("attn_norm", D, cfg.norm) if spec.attn_pre_norm else {}
+    s.update(linear_shapes("q_proj", N * H, D, cfg.attn_bias))
+    s.update(linear_shapes("k_proj", K * H, D, cfg.attn_bias))
+    s.update(linear_shapes("v_proj", K * H, D, cfg.attn_bias))
+    s.update(linear_shapes("o_proj", D, N * H, cfg.o_bias))
     if cfg.qk_norm == "head":
-        add_norm("q_norm", H, "rms"), add_norm("k_norm", H, "rms")
+        s.update(norm_shapes("q_norm", H, "rms"), **norm_shapes("k_norm", H, "rms"))
     elif cfg.qk_norm == "full":
-        add_norm("q_norm", N * H, "rms"), add_norm("k_norm", K * H, "rms")
+        s.update(norm_shapes("q_norm", N * H, "rms"), **norm_shapes("k_norm", K * H, "rms"))
     if spec.attn_post_norm:
-        add_norm("attn_post_norm")
+        s.update(norm_shapes("attn_post_norm", D, cfg.norm))
     if spec.layout == "postnorm":
-        add_norm(spec.res_norms[0]), add_norm(spec.res_norms[1])
-    inner, outer = spec.inner, spec.outer
-    if getattr(inner, "pre_norm", None) and inner.pre_norm != "attn_norm":
-        add_norm(inner.pre_norm)
-    kind = type(inner).__name__
-    if kind == "MoEInner":
-        E = cfg.n_experts
-        shapes["router.weight"] = (E, D)
-        shapes["experts.gate_proj.weight"] = (E, F, D)
-        shapes["experts.up_proj.weight"] = (E, F, D)
-        shapes["experts.down_proj.weight"] = (E, D, F)
-        if cfg.d_ff_shared:
-            Fs = cfg.d_ff_shared
-            add_linear("shared.gate_proj", Fs, D, False), add_linear("shared.up_proj", Fs, D, False)
-            add_linear("shared.down_proj", D, Fs, False), add_linear("shared_gate", 1, D, False)
-        return shapes
-    if kind == "GatedInner":
-        add_linear(inner.gate, F, D, cfg.mlp_bias)
-        add_linear(inner.up, F, D, cfg.mlp_bias)
-    else:
-        add_linear(inner.fc, F, D, cfg.mlp_bias)
-    add_linear(outer.down, D, F, cfg.mlp_bias or type(outer).__name__ == "BiasOuter")
-    if type(outer).__name__ == "RMSPostNormOuter":
-        add_norm(outer.norm, kind="rms")
-    return shapes
+        s.update(norm_shapes(spec.res_norms[0], D, cfg.norm), **norm_shapes(spec.res_norms[1], D, cfg.norm))
+    return {**s, **spec.inner.shapes(cfg), **spec.outer.shapes(cfg)}
 
 
-__all__ = ["BlockSpec", "project_qkv", "attention_output", "mlp_input", "attn_sublayer", "block_forward", "layer_patch",
-           "layer_shapes", "take_rows"]
+__all__ = ["BlockSpec", "AttnValues", "KV", "MLPValues", "project_qkv", "attention_output", "mlp_input",
+           "attention_values", "attn_sublayer", "mlp_values", "block_forward", "layer_patch", "layer_shapes",
+           "take_rows"]

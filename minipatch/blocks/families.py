@@ -21,8 +21,8 @@ the attention sublayer, which the theorem only reads through its outputs.
 """
 from __future__ import annotations
 
-from ..controllability import (BiasOuter, GatedInner, LinearInner, LinearOuter, MoEInner, MoEOuter,
-                               RMSPostNormOuter)
+from ..controllability import BiasOuter, GatedInner, LinearInner, LinearOuter, RMSPostNormOuter
+from ..experts import MoEInner, MoEOuter
 from ..errors import UnsupportedArchitectureError
 from .base import BlockSpec
 
