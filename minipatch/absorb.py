@@ -209,7 +209,7 @@ def absorb_prefill(model, tokens, context, method="auto", window_by="position", 
     else:
         ctx, kept = split_context(context, tok.size)
     trace = {}
-    _, ctx_cache = model.prefill(tok, window_by=window_by, trace=trace)
+    _, ctx_cache = model.prefill(tok, window_by=window_by, trace=trace, head=False)
     dev = device(model.params["embed.weight"])
     K = model.xp.asarray(kept, device=dev)
     rows = _ctx_rows(trace, K)
@@ -246,7 +246,7 @@ def absorb_step(model, stream, token):
     """
     t = check_tokens([token], model.cfg.vocab_size)
     trace = {}
-    _, ctx_cache = model.step(stream.ctx, t, trace=trace)
+    _, ctx_cache = model.step(stream.ctx, t, trace=trace, head=False)
     position = np.asarray([ctx_cache.last], dtype=np.int64)
     dev = device(model.params["embed.weight"])
     P = model.xp.asarray(position, device=dev)

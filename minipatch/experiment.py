@@ -49,13 +49,14 @@ import numpy as np
 
 from .absorb import greedy
 from .backend import to_numpy
-from .errors import MinipatchError
+from .errors import InputError, MinipatchError
 from .patches import Patches, Rank1, Scale, Shift
 # the table and the figure, re-exported so `from minipatch.experiment import ...` keeps working
 from .experiment_report import format_table, plot  # noqa: F401
 
 DTYPES = ("float32", "float64", "bfloat16")
-METHODS = ("m6a", "m6c", "m6d")
+METHODS = ("m6a", "m6b", "m6c", "m6d")
+ORDERS = ("closed", "open")
 
 
 # ---- simulated bfloat16 --------------------------------------------------------------------
@@ -104,23 +105,44 @@ def model_for(model64, dtype):
         return model64.astype("float32"), None
     if dtype == "bfloat16":
         return Model(model64.cfg, round_params(model64.params)), bf16_round
-    raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
+    raise InputError(f"dtype must be one of {DTYPES}, got {dtype!r}")
 
 
 # ---- the two runs ----------------------------------------------------------------------------
 
-def patched_greedy(model, tokens, n_new, method, round_fn=None, callback=None):
+class ScaleWatch:
+    """A ``patch_fn`` for :func:`~minipatch.absorb.greedy`: passes each layer patch through
+    ``round_fn`` (None: unchanged) and records the largest |scale patch| seen (M6a/M6c/M6d's
+    additive ``add``; M6b's multiplicative ``mul`` as |mul - 1|), the number that multiplies
+    rounding (MATH.md M6d, M7)."""
+
+    def __init__(self, round_fn=None):
+        self.round_fn, self.largest = round_fn, 0.0
+
+    def __call__(self, layer_patch):
+        for p in layer_patch.values():
+            if isinstance(p, Scale):
+                for a, off in ((p.add, 0.0), (p.mul, 1.0)):
+                    if a is not None:
+                        self.largest = max(self.largest, float(np.max(np.abs(to_numpy(a) - off))))
+        return layer_patch if self.round_fn is None else round_layer(layer_patch, self.round_fn)
+
+
+def patched_greedy(model, tokens, n_new, method, round_fn=None, callback=None, order="closed"):
     """Greedy decoding by the patched model that sees only the current token (M7, 'all_but_last').
 
-    Same as ``minipatch.greedy(model, tokens, n_new, context='all_but_last', method=method)``,
-    with the patches passed through ``round_fn`` (e.g. :func:`bf16_round`) before the forward.
+    Same as ``minipatch.greedy(model, tokens, n_new, context='all_but_last', method=method,
+    order=order)``, with the patches passed through ``round_fn`` (e.g. :func:`bf16_round`).
+    KV-cached: each new token costs one cached with-context step and one patched
+    single-token pass.
 
     Returns:
-      (ids int64 [n_new], last-position logits numpy [n_new, V]).
+      (ids int64 [n_new], last-position logits numpy [n_new, V], largest |scale patch|).
     """
-    patch_fn = None if round_fn is None else (lambda lp: round_layer(lp, round_fn))
-    return greedy(model, tokens, n_new, context="all_but_last", method=method, callback=callback,
-                  patch_fn=patch_fn)
+    watch = ScaleWatch(round_fn)
+    ids, rows = greedy(model, tokens, n_new, context="all_but_last", method=method, callback=callback,
+                       patch_fn=watch, order=order)
+    return ids, rows, watch.largest
 
 
 def compare(ref_ids, ref_rows, ids, rows):
@@ -164,7 +186,8 @@ class _Progress:
             print(file=sys.stderr)
 
 
-def run_experiment(model64, tokenizer, prompts, n_new=20, dtypes=DTYPES, methods=METHODS, progress=True):
+def run_experiment(model64, tokenizer, prompts, n_new=20, dtypes=DTYPES, methods=METHODS, progress=True,
+                   orders=ORDERS):
     """The section-4 experiment: with-context greedy vs patched greedy with only the current token.
 
     Args:
@@ -174,6 +197,7 @@ def run_experiment(model64, tokenizer, prompts, n_new=20, dtypes=DTYPES, methods
       n_new: new tokens per prompt. dtypes: subset of ('float32', 'float64', 'bfloat16').
       methods: post-FFW norm witnesses to compare ('m6a', 'm6b', 'm6c', 'm6d', 'auto').
       progress: show a progress bar on stderr.
+      orders: M7's order of construction, 'closed' and/or 'open' (MATH.md M7).
     Returns:
       dict: ``runs`` (one entry per prompt x dtype x method, see :func:`compare`, plus the
       reference tokens and texts), ``summary`` (per dtype and method: token agreement,
@@ -183,7 +207,7 @@ def run_experiment(model64, tokenizer, prompts, n_new=20, dtypes=DTYPES, methods
 
     t0 = time.perf_counter()
     toks = [np.asarray(encode(tokenizer, p), dtype=np.int64) for p in prompts]
-    bar = _Progress(len(prompts) * len(dtypes) * (1 + len(methods)) * n_new, progress)
+    bar = _Progress(len(prompts) * len(dtypes) * (1 + len(methods) * len(orders)) * n_new, progress)
     runs = []
     for dtype in dtypes:
         model, round_fn = model_for(model64, dtype)
@@ -191,18 +215,21 @@ def run_experiment(model64, tokenizer, prompts, n_new=20, dtypes=DTYPES, methods
             lab = f"{dtype} prompt {k + 1}"
             ref_ids, ref_rows = greedy(model, tok, n_new, callback=lambda s, t: bar.step(lab + " ref"))
             ref_rows = ref_rows.astype(np.float64)
-            for m in methods:
-                entry = dict(prompt=k, text=text, dtype=dtype, method=m, ref_tokens=ref_ids.tolist(),
-                             ref_text=decode(tokenizer, ref_ids))
-                try:
-                    ids, rows = patched_greedy(model, tok, n_new, m, round_fn,
-                                                  callback=lambda s, t: bar.step(f"{lab} {m}"))
-                    entry.update(compare(ref_ids, ref_rows, ids, rows), text_patched=decode(tokenizer, ids),
-                                 error=None)
-                except MinipatchError as e:   # a witness that does not exist for this input
-                    entry.update(error=f"{type(e).__name__}: {e}", abs_err=[], rel_err=[], agree=0,
-                                 prefix_agree=0, first_divergence=0, tokens=[])
-                runs.append(entry)
+            for order in orders:
+                for m in methods:
+                    entry = dict(prompt=k, text=text, dtype=dtype, method=m, order=order,
+                                 ref_tokens=ref_ids.tolist(), ref_text=decode(tokenizer, ref_ids))
+                    try:
+                        ids, rows, big = patched_greedy(model, tok, n_new, m, round_fn, order=order,
+                                                        callback=lambda s, t: bar.step(f"{lab} {order} {m}"))
+                        entry.update(compare(ref_ids, ref_rows, ids, rows), text_patched=decode(tokenizer, ids),
+                                     largest_scale=big, error=None)
+                    except MinipatchError as e:   # a witness that does not exist for this input
+                        entry.update(error=f"{type(e).__name__}: {e}", abs_err=[], rel_err=[], agree=0,
+                                     prefix_agree=0, first_divergence=0, tokens=[], largest_scale=None)
+                        for _ in range(n_new):
+                            bar.step(f"{lab} {order} {m}")
+                    runs.append(entry)
         del model
     bar.close()
     return dict(n_new=n_new, prompts=list(prompts), runs=runs, summary=summarize(runs, n_new),
@@ -210,12 +237,16 @@ def run_experiment(model64, tokenizer, prompts, n_new=20, dtypes=DTYPES, methods
 
 
 def summarize(runs, n_new):
-    """Per (dtype, method): agree / prefix_agree out of n_prompts * n_new, max and mean errors."""
+    """Per (dtype, order, method): agree / prefix_agree out of n_prompts * n_new, max and mean
+    errors, the largest scale patch, and how many prompts had no witness (``errors``)."""
     out = {}
     for r in runs:
-        s = out.setdefault(f"{r['dtype']}/{r['method']}", dict(
-            dtype=r["dtype"], method=r["method"], agree=0, prefix_agree=0, total=0, abs=[], rel=[],
-            errors=0))
+        order = r.get("order", "closed")
+        s = out.setdefault(f"{r['dtype']}/{order}/{r['method']}", dict(
+            dtype=r["dtype"], order=order, method=r["method"], agree=0, prefix_agree=0, total=0, abs=[],
+            rel=[], errors=0, largest_scale=None))
+        if r.get("largest_scale") is not None:
+            s["largest_scale"] = max(s["largest_scale"] or 0.0, r["largest_scale"])
         s["agree"] += r["agree"]
         s["prefix_agree"] += r["prefix_agree"]
         s["total"] += n_new
@@ -238,10 +269,13 @@ def add_parser(sub):
     p.add_argument("--n-new", type=int, default=20, help="new tokens per prompt (default 20)")
     p.add_argument("--prompts", default=None, help="comma-separated prompt numbers 1..5 (default all)")
     p.add_argument("--dtypes", default=",".join(DTYPES), help="comma-separated subset of " + ",".join(DTYPES))
-    p.add_argument("--methods", default=",".join(METHODS), help="comma-separated witnesses (default m6a,m6c,m6d)")
+    p.add_argument("--methods", default=",".join(METHODS), help="comma-separated witnesses (default "
+                   + ",".join(METHODS) + ")")
+    p.add_argument("--orders", default=",".join(ORDERS), help="M7 order(s) of construction: closed,open")
     p.add_argument("--model", default=None, help="GGUF path (default: the [real] extra's Gemma 3 270M)")
     p.add_argument("--json", default=None, help="write the full results here")
-    p.add_argument("--figure", default="figures/experiment_generation.png", help="figure path ('' for none)")
+    p.add_argument("--figure", default="output/figures/experiment_generation.png",
+                   help="figure path ('' for none; the committed one is figures/experiment_generation.png)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run)
     return p
@@ -272,8 +306,18 @@ def run(args):
     prompts = list(PROMPTS)
     if args.prompts:
         prompts = [prompts[int(i) - 1] for i in args.prompts.split(",")]
-    res = run_experiment(model, tok, prompts, n_new=args.n_new, dtypes=tuple(args.dtypes.split(",")),
-                         methods=tuple(args.methods.split(",")), progress=not args.no_progress)
+    try:
+        dtypes, methods, orders = (tuple(a.split(",")) for a in (args.dtypes, args.methods, args.orders))
+        for what, got, allowed in (("dtype", dtypes, DTYPES), ("method", methods, METHODS + ("auto",)),
+                                   ("order", orders, ORDERS)):
+            bad = [g for g in got if g not in allowed]
+            if bad:
+                raise MinipatchError(f"unknown {what} {bad[0]!r}; one of {', '.join(allowed)}")
+    except MinipatchError as e:
+        print(f"experiment: {e}", file=sys.stderr)
+        return 2
+    res = run_experiment(model, tok, prompts, n_new=args.n_new, dtypes=dtypes, methods=methods,
+                         progress=not args.no_progress, orders=orders)
     print(format_table(res["summary"]))
     print(f"\n{len(prompts)} prompts x {args.n_new} tokens in {res['seconds']:.0f} s")
     if args.json:

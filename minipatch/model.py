@@ -169,20 +169,21 @@ class Model:
         return xf, kvs
 
     # -- incremental decoding (KV cache) ---------------------------------------------------
-    def prefill(self, tokens, positions=None, patches=None, window_by="position", trace=None):
+    def prefill(self, tokens, positions=None, patches=None, window_by="position", trace=None, head=True):
         """Run ``tokens`` and keep every layer's keys and values for :meth:`step`.
 
         Returns:
-          (logits [V] of the last token, :class:`Cache`). ``trace`` as in :meth:`run`.
+          (logits [V] of the last token, or its final hidden [D] with ``head=False``;
+          :class:`Cache`). ``trace`` as in :meth:`run`.
         """
         tok, pos, pos_host = self._inputs(tokens, positions)
         index = self._index(window_by, 0, pos.shape[0])
         layers = self._patch_layers(patches, pos_host, window_by)
         xf, kvs = self._stack(self.embed(tok, pos), pos, layers, index, None, trace)
         cache = Cache.empty(self, window_by).extend(kvs, pos, pos_host)
-        return self.logits(xf[-1:, ...])[0, ...], cache
+        return (self.logits(xf[-1:, ...])[0, ...] if head else xf[-1, ...]), cache
 
-    def step(self, cache, token, position=None, patches=None, trace=None):
+    def step(self, cache, token, position=None, patches=None, trace=None, head=True):
         """One more token after the cached ones: (logits [V], the extended :class:`Cache`).
 
         Equal to the last row of :meth:`forward` on the whole sequence (float64: to ~1e-15).
@@ -193,6 +194,7 @@ class Model:
           position: its position (default: one after the last cached one); several tokens
             take an int [T'] array.
           patches: :class:`~minipatch.patches.Patches` for exactly these new positions.
+          head: False returns the last final hidden [D] instead of logits.
         """
         tokens = [token] if np.ndim(token) == 0 else token
         t = check_tokens(tokens, self.cfg.vocab_size)
@@ -208,7 +210,8 @@ class Model:
         index = self._index(cache.window_by, cache.n, pos.shape[0])
         layers = self._patch_layers(patches, pos_host, cache.window_by)
         xf, kvs = self._stack(self.embed(tok, pos), pos, layers, index, cache, trace)
-        return self.logits(xf[-1:, ...])[0, ...], cache.extend(kvs, pos, pos_host)
+        out = self.logits(xf[-1:, ...])[0, ...] if head else xf[-1, ...]
+        return out, cache.extend(kvs, pos, pos_host)
 
     def logits(self, xf):
         """[T, V] = final hidden @ head^T (+ head bias), soft-capped when the config says so."""
@@ -311,6 +314,7 @@ def check_patches(patches, model, positions, window_by="position"):
     if not hasattr(patches, "layers") or not hasattr(patches, "check"):
         raise InputError(f"patches must be a minipatch Patches (or an AbsorbResult), got {type(patches).__name__}")
     patches.check(model.cfg.n_layers, positions.shape[0])
+    _check_patch_shapes(patches, model)
     if patches.positions is not None and not np.array_equal(np.asarray(patches.positions), positions):
         raise PatchMismatchError(
             f"patches were made for positions {np.asarray(patches.positions).tolist()}, "
@@ -325,6 +329,41 @@ def check_patches(patches, model, positions, window_by="position"):
         if made.get("window_by", window_by) != window_by:
             raise PatchMismatchError(f"patches were made with window_by={made['window_by']!r}, "
                                      f"applied with window_by={window_by!r}")
+
+
+def _check_patch_shapes(patches, model):
+    """Every patched parameter exists in its layer, and every factor has that parameter's widths."""
+    from .patches import Rank1, Scale, Shift
+
+    for l, lp in enumerate(patches.layers):
+        params = model.params["layers"][l]
+        for name, p in lp.items():
+            w = params.get(name)
+            if w is None:
+                raise ShapeError(f"patch of layer {l} names {name!r}, which this {model.cfg.family} layer "
+                                 f"does not have (patches made for another family?)")
+            shape = tuple(w.shape)
+            if isinstance(p, Rank1):
+                want = [("u", p.u, shape[:-1]), ("v", p.v, shape[-1:])]
+            elif isinstance(p, Shift):
+                want = [("d", p.d, shape)]
+            elif isinstance(p, Scale):
+                want = [("add", p.add, shape), ("mul", p.mul, (1,))]
+            else:
+                raise InputError(f"patch of {name!r} in layer {l} is a {type(p).__name__}, not Rank1/Shift/Scale")
+            for field, a, tail in want:
+                if a is None:
+                    continue
+                got = tuple(a.shape[1:])
+                ok = got == tail or (field == "v" and got == shape[:-2] + tail)   # experts: v [T, E, in]
+                if not ok:
+                    raise ShapeError(f"patch {field} of {name!r} in layer {l} has widths {got}, the parameter "
+                                     f"{tuple(shape)} needs {tail}")
+                if str(a.dtype) != str(w.dtype):
+                    from .errors import PatchMismatchError
+
+                    raise PatchMismatchError(f"patch {field} of {name!r} in layer {l} is {a.dtype}, the model "
+                                             f"is {w.dtype}")
 
 
 def fingerprint(model):
