@@ -51,15 +51,14 @@ assert model64.cfg.n_layers == 18 and model64.cfg.d_model == 640 and model64.cfg
 
 # %% [markdown]
 # ## 1. The float64 forward against Hugging Face
-# The shared fixture holds, for each of five prompts followed by their 20-token greedy
-# continuation, the top-32 logits of a true-float64 run of transformers.
+# The fixture `tests/fixtures/gemma3-270m/` holds, for each of five prompts followed by their
+# 20-token greedy continuation, the top-32 logits of a true-float64 run of transformers.
 
 # %%
-SHARED = os.environ.get("MINIPATCH_SHARED", Path(mp.__file__).resolve().parents[2] / "shared")   # as tests/conftest.py
-FIX = Path(SHARED) / "fixtures" / "gemma3-270m"
+FIX = Path("../tests/fixtures/gemma3-270m")     # in the repository (tests/fixtures/README.md)
 meta = json.load(open(f"{FIX}/prompts.json"))
 prompts = [p["text"] for p in meta["prompts"]]
-ref = dict(np.load(f"{FIX}/prompt_1.npz"))
+ref = dict(np.load(f"{FIX}/prompt_1.npz", allow_pickle=False))
 logits = np.asarray(model64.forward(ref["seq"]))
 err = np.max(np.abs(np.take_along_axis(logits, ref["topk_ids_fp64"], -1) - ref["topk_logits_fp64"]))
 print(f"prompt 1, {ref['seq'].size} tokens: max |ours - HF| on the top-32 logits = {err:.1e}")

@@ -1,8 +1,9 @@
-"""Shared test fixtures: hypothesis profiles, backends, relative-error helper, model factories."""
+"""pytest fixtures and hooks: hypothesis profiles, backends, the real Gemma 3 270M.
+
+Plain helpers (tolerances, ``rel_err``, fixture paths) are in ``helpers.py``."""
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,32 +14,6 @@ settings.register_profile("ci", max_examples=12, deadline=None, derandomize=True
 settings.register_profile("dev", max_examples=40, deadline=None)
 settings.register_profile("thorough", max_examples=300, deadline=None)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
-
-ROOT = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("MINIPATCH_SHARED", ROOT.parent / "shared"))
-FIXTURES = SHARED / "fixtures"
-LOCAL_FIXTURES = ROOT / "tests" / "fixtures"
-
-# Tolerances (MATH.md section 8): relative to max |reference|.
-TOL64_BLOCK = 1e-12
-TOL64_MODEL = 1e-10
-TOL32 = 1e-4
-CONTROL_MIN = 1e-3   # negative control: without patches the error must be at least this
-
-
-def rel_err(a, b):
-    """max |a - b| / max |b| on numpy copies (any backend)."""
-    from minipatch.backend import to_numpy
-
-    a, b = np.asarray(to_numpy(a), dtype=np.float64), np.asarray(to_numpy(b), dtype=np.float64)
-    return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
-
-
-def shared_fixture(name):
-    path = FIXTURES / name
-    if not path.exists():
-        pytest.skip(f"shared fixture {path} not found (set MINIPATCH_SHARED)")
-    return path
 
 
 def _strict_backends():
