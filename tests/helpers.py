@@ -4,6 +4,7 @@ Test modules import from this file (``from helpers import rel_err``), never from
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -39,3 +40,43 @@ def load_npz(path):
     """{key: array} of an .npz of plain arrays (never unpickled)."""
     with np.load(path, allow_pickle=False) as z:
         return {k: z[k] for k in z.files}
+
+
+def requirement_names():
+    """Normalised names of every package requirements.txt installs (through pyproject's extras)."""
+    try:
+        import tomllib
+    except ImportError:            # Python 3.10
+        tomllib = None
+    norm = lambda s: re.sub(r"[-_.]+", "-", s).lower()
+    name_of = lambda req: norm(re.match(r"\s*([A-Za-z0-9][A-Za-z0-9._-]*)", req).group(1))
+    text = (ROOT / "pyproject.toml").read_text(encoding="utf-8")
+    if tomllib is not None:
+        project = tomllib.loads(text)["project"]
+        core, extras = project["dependencies"], project.get("optional-dependencies", {})
+    else:
+        block = lambda key: re.findall(r'"([^"]+)"', re.search(rf"^{key} = \[(.*?)\]", text, re.S | re.M).group(1))
+        core = block("dependencies")
+        extras = {k: block(k) for k in re.findall(r"^(\w+) = \[", text.split("[project.optional-dependencies]")[1]
+                                                   .split("\n[")[0], re.M)}
+    names = {"minipatch"}
+    for line in (ROOT / "requirements.txt").read_text(encoding="utf-8").splitlines():
+        line = line.split("#")[0].strip()
+        if not line:
+            continue
+        m = re.match(r"(?:-e\s+)?\.(?:\[([^\]]*)\])?$", line)
+        if m:                       # the project itself, with extras
+            names |= {name_of(r) for r in core}
+            for extra in filter(None, (m.group(1) or "").split(",")):
+                names |= {name_of(r) for r in extras.get(extra.strip(), [])}
+        else:
+            names.add(name_of(line))
+    return names
+
+
+def allowed_skip(reason, required=None):
+    """True when ``reason`` names, after 'pip install', a package outside requirements.txt."""
+    wanted = [re.sub(r"[-_.]+", "-", m).lower().strip("'\"")
+              for m in re.findall(r"""pip install (?:--?\S+\s+)*["']?([A-Za-z0-9][A-Za-z0-9._-]*)""", reason)]
+    required = requirement_names() if required is None else required
+    return bool(wanted) and all(w not in required for w in wanted)
