@@ -80,3 +80,37 @@ def allowed_skip(reason, required=None):
               for m in re.findall(r"""pip install (?:--?\S+\s+)*["']?([A-Za-z0-9][A-Za-z0-9._-]*)""", reason)]
     required = requirement_names() if required is None else required
     return bool(wanted) and all(w not in required for w in wanted)
+
+
+# ---- comparing printed text -----------------------------------------------------------------
+# Committed notebook outputs and README numbers are compared with what the code prints today:
+# the words must be the same, and every number must agree within one significant digit.
+
+NUMBER = re.compile(r"(?<![\w.])[-+]?(?:\d+\.\d*|\.\d+|\d+)(?:[eE][-+]?\d+)?(?![\w])")
+ROUNDING = 1e-11      # below this, a number is a rounding-level error: any two such values agree
+
+
+def number_agrees(old, new):
+    """Two printed numbers agree: integers exactly (counts, ids, sizes), other numbers within
+    half a unit of the larger one's leading digit (1.5e-14 ~ 1.2e-14, 4.5e-6 !~ 1.4e-6), and
+    any two values below ROUNDING."""
+    x, y = float(old), float(new)
+    if x == y:
+        return True
+    if re.fullmatch(r"[-+]?\d+", old) and re.fullmatch(r"[-+]?\d+", new):
+        return False
+    big = max(abs(x), abs(y))
+    if big < ROUNDING:
+        return True
+    unit = 10.0 ** np.floor(np.log10(big))
+    return abs(x - y) <= 0.5 * unit
+
+
+def text_differences(old, new):
+    """Where two printed texts disagree: [] when the words agree (whitespace runs collapsed) and
+    every number agrees (:func:`number_agrees`); else a few (old, new) pairs."""
+    nums_old, nums_new = NUMBER.findall(old), NUMBER.findall(new)
+    words = lambda s: " ".join(NUMBER.sub("#", s).split())
+    if words(old) != words(new) or len(nums_old) != len(nums_new):
+        return [(words(old)[:400], words(new)[:400])]
+    return [(a, b) for a, b in zip(nums_old, nums_new) if not number_agrees(a, b)][:10]
