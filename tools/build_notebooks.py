@@ -34,6 +34,8 @@ def read(src):
 
     nb = jupytext.read(src, fmt="py:percent")
     nb.metadata["kernelspec"] = dict(KERNEL)
+    for i, cell in enumerate(nb.cells):      # stable ids: a rebuild changes only what the code prints
+        cell.id = f"cell-{i}"
     return nb
 
 
@@ -41,7 +43,7 @@ def execute(nb, workdir, timeout=900):
     """Run every cell of ``nb`` in place with ``workdir`` as the kernel's working directory."""
     from nbclient import NotebookClient
 
-    NotebookClient(nb, timeout=timeout, kernel_name=KERNEL["name"],
+    NotebookClient(nb, timeout=timeout, kernel_name=KERNEL["name"], record_timing=False,
                    resources={"metadata": {"path": str(workdir)}}).execute()
     return nb
 
