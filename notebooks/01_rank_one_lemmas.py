@@ -1,7 +1,17 @@
-"""Read-along notebook 01: the two rank-one absorption lemmas (MATH.md M1, M2).
-
-Build and execute with ``python tools/build_notebooks.py 01``.
-"""
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
 
 # %% [markdown]
 # # 01 · The two rank-one lemmas (MATH.md M1, M2)
@@ -23,10 +33,8 @@ Build and execute with ``python tools/build_notebooks.py 01``.
 # %%
 import os
 import time
+from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
@@ -34,11 +42,18 @@ import minipatch
 from minipatch import NotControllableError, Rank1
 from minipatch.lemmas import m1, m2, pinv_form
 
-FIG = os.environ.get("MINIPATCH_FIGURES", "../figures")
-os.makedirs(FIG, exist_ok=True)
+FIG = Path(os.environ.get("MINIPATCH_FIGURES", "../output/figures"))   # build tool: the committed figures/
+FIG.mkdir(parents=True, exist_ok=True)
+
+
+def show(fig, name):
+    """Save ``fig`` as FIG/name and display it inline."""
+    fig.savefig(FIG / name, dpi=110, metadata={"Software": None})
+    plt.show()
+
+
 rng = np.random.default_rng(0)
 print("minipatch", minipatch.__version__)
-assert FIG
 
 # %% [markdown]
 # ## M1 on one token
@@ -154,10 +169,7 @@ ax[1].set_ylabel("‖ΔW + ΔW'‖_F − ‖ΔW‖_F")
 ax[1].legend(fontsize=8)
 fig.suptitle("M1 is the minimum-Frobenius-norm solution; every other solution adds an orthogonal part")
 fig.tight_layout()
-path = os.path.join(FIG, "01_min_norm.png")
-fig.savefig(path, dpi=110)
-plt.close(fig)
-assert os.path.getsize(path) > 0
+show(fig, "01_min_norm.png")
 
 # %% [markdown]
 # ## M2: output absorption
@@ -213,7 +225,7 @@ assert np.max(np.abs(wrong - W @ A_ctx[1])) > 1e-2
 # (`O(T · out · in)`). Here with a realistic layer (`out = 1024`, `in = 512`, `T = 32`) we
 # check both give the same numbers and time them.
 
-# %%
+# %% tags=["volatile"]
 T, out_dim_big, in_dim_big = 32, 1024, 512
 Wb = rng.standard_normal((out_dim_big, in_dim_big)).astype(np.float64) / np.sqrt(in_dim_big)
 Xb = rng.standard_normal((T, in_dim_big))

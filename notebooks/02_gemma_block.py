@@ -1,10 +1,20 @@
-"""Read-along notebook 02: the Gemma block and its three exact constructions (MATH.md §3, M6a-c).
-
-Build and execute with ``python tools/build_notebooks.py 02``.
-"""
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
 
 # %% [markdown]
-# # 02 · The Gemma block: three exact ways to absorb a context (MATH.md §3, M6)
+# # 02 · The Gemma block: four exact ways to absorb a context (MATH.md §3, M6)
 #
 # A Gemma 2/3 block (Goldwaser et al. 2025), no biases, RMSNorm with multiplier `1 + g`:
 #
@@ -17,22 +27,26 @@ Build and execute with ``python tools/build_notebooks.py 02``.
 # *without* context output `out^C`, the MLP must (i) compute `h^C` from `n` — M1 on `W_gate`
 # and `W_up` with the shared `v = n/‖n‖²` — and (ii) add `δ = y^C − y` at its output. The post-FFW
 # RMSNorm makes (ii) the interesting part: an RMSNorm output cannot change its own RMS with a
-# fixed scale, so every construction patches the norm's multiplier. MATH.md gives three:
+# fixed scale, so every construction patches the norm's multiplier. MATH.md gives four
+# (`minipatch.m6.m6a` .. `m6d`; `s = 1 + g_pf`, `t = s u^C + δ` the value the norm must output):
 #
-# * **M6a** (the paper's): elementwise scale patch `dg = δ / u^C`, `u^C = rms_unit(h^C W_downᵀ)`.
-# * **M6b**: M2 on `W_down` so it outputs `t / s` (`s = 1 + g_pf`), then one scalar per token.
-# * **M6c**: M2 on `W_down` to the trust-region optimum `y*`, then a small elementwise scale.
+# | | what it patches | precondition (else `NotControllableError`) |
+# |---|---|---|
+# | **M6a** (the paper's) | elementwise scale `dg = δ / u^C`, `u^C = rms_unit(h^C W_downᵀ)`; `W_down` untouched | every coordinate of `u^C` nonzero (above machine epsilon) |
+# | **M6b** | M2 on `W_down` so it outputs `t / s`, then one scalar per token | `h^C ≠ 0`, every `s_i ≠ 0` |
+# | **M6c** | M2 on `W_down` to the trust-region optimum `ρ y*`, then an elementwise scale for the residual | `h^C ≠ 0`; a nonzero residual never meets a zero of `rms_unit(h*)` |
+# | **M6d** | M2 on `W_down` along M6b's direction `t / ŝ` (`ŝ`: `s` floored away from 0), then an elementwise scale `s (R − 1)` | `h^C ≠ 0` only |
 #
-# We take one layer of `minipatch.models.tiny_gemma`, look at the values with and without
-# context, then compare the three constructions: what they patch, how big the patches are,
-# how exact they are in float64, float32 and bfloat16, and when their preconditions bite.
+# `method="auto"` tries them in the order of MATH.md section 3 (M6d, M6c, M6b, M6a) and uses the
+# first whose witness exists. We take one layer of `minipatch.models.tiny_gemma`, look at the
+# values with and without context, then compare the four side by side: what they patch, how big
+# the patches are, how exact they are in float64, float32 and bfloat16, and when their
+# preconditions bite.
 
 # %%
 import os
+from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
@@ -44,9 +58,17 @@ from minipatch.models import tiny_gemma
 from minipatch.ops import gelu_tanh, rms_unit
 from minipatch.patches import linear, norm
 
-FIG = os.environ.get("MINIPATCH_FIGURES", "../figures")
-os.makedirs(FIG, exist_ok=True)
-METHODS = ("m6a", "m6b", "m6c")
+FIG = Path(os.environ.get("MINIPATCH_FIGURES", "../output/figures"))   # build tool: the committed figures/
+FIG.mkdir(parents=True, exist_ok=True)
+
+
+def show(fig, name):
+    """Save ``fig`` as FIG/name and display it inline."""
+    fig.savefig(FIG / name, dpi=110, metadata={"Software": None})
+    plt.show()
+
+
+METHODS = m6.METHODS                        # ("m6a", "m6b", "m6c", "m6d")
 
 
 def rel(a, b):
@@ -105,10 +127,10 @@ assert np.allclose(ctx["out"], y_c + s * u_c, rtol=0, atol=1e-13)     # out^C = 
 assert np.allclose(spec.outer.forward(lp, h_c, cfg) + delta, t, rtol=0, atol=1e-13)
 
 # %% [markdown]
-# ## M6a, M6b, M6c side by side
+# ## M6a, M6b, M6c, M6d side by side
 #
 # `blocks.layer_patch` is the block theorem for one layer (M8 specialised to Gemma); `method=`
-# picks the outer construction. All three share the M1 patches on `gate_proj` and `up_proj`.
+# picks the outer construction. All four share the M1 patches on `gate_proj` and `up_proj`.
 # The patched block, fed the *without-context* stream, must reproduce `out^C`.
 
 # %%
@@ -123,7 +145,8 @@ for meth in METHODS:
 control = rel(block_forward(spec, lp, ctx["x"], cfg, LAYER, kept), ctx["out"])
 print(f"unpatched control: {control:.2e}")
 assert set(patches["m6a"]) == {"gate_proj.weight", "up_proj.weight", "mlp_post_norm.weight"}
-assert set(patches["m6b"]) == set(patches["m6c"]) == set(patches["m6a"]) | {"down_proj.weight"}
+assert set(patches["m6b"]) == set(patches["m6c"]) == set(patches["m6d"]) == set(patches["m6a"]) | {"down_proj.weight"}
+assert layer_patch(spec, lp, cfg, noctx, ctx, "auto")[0] == "m6d"          # auto: M6d first
 assert all(e <= 1e-12 for e in errs.values()) and control > 1e-3
 for meth in METHODS:                       # the shared inner patches, and their rank
     for w in ("gate_proj.weight", "up_proj.weight"):
@@ -139,6 +162,9 @@ for meth in METHODS:                       # the shared inner patches, and their
 # * M6b: `W_down` now outputs `v_t = t / s`; the multiplier becomes `s · sqrt(mean(v_t²) + ε)`, so
 #   the norm outputs `rms_unit(v_t) · s · rms(v_t) = t` exactly, ε included.
 # * M6c: `W_down` outputs `h* = ρ y*`, `ρ = rms(m^C)`; the elementwise scale absorbs `t − s · rms_unit(h*)`.
+# * M6d: `ŝ_i = sign(s_i) max(|s_i|, 0.1 rms(s))`, `y = t / ŝ`; `W_down` outputs `h* = ρ y / rms(y)`, and
+#   the elementwise scale `dg = (t − s r) / r`, `r = rms_unit(h*)`, absorbs the rest. Where `|s_i|` is
+#   above the floor, `dg_i = s_i (R − 1)` with one `R` per token: M6b's scalar, written elementwise.
 
 # %%
 eps = cfg.norm_eps
@@ -157,8 +183,22 @@ y_star = m6.trust_region(s, t)
 rho = np.sqrt(np.mean(m_c**2, -1, keepdims=True))
 m_cc = pc["down_proj.weight"].apply(h_c, m_c)
 assert np.allclose(m_cc, rho * y_star, atol=1e-12) and np.allclose(np.mean(y_star**2, -1), 1.0)
-print("each construction's algebra checks out")
 assert np.allclose(rms_unit(m_cc, eps) * (s + pc["mlp_post_norm.weight"].add), t, atol=1e-12)
+
+pd = patches["m6d"]
+s_hat = np.sign(s + (s == 0)) * np.maximum(np.abs(s), 0.1 * np.sqrt(np.mean(s**2)))
+y_d = t / s_hat
+h_star = rho * y_d / np.sqrt(np.mean(y_d**2, -1, keepdims=True))
+m_dd = pd["down_proj.weight"].apply(h_c, m_c)
+dg_d = pd["mlp_post_norm.weight"].add
+assert np.allclose(m_dd, h_star, atol=1e-12)
+assert np.allclose(rms_unit(m_dd, eps) * (s + dg_d), t, atol=1e-12)
+above = np.abs(s) > 0.1 * np.sqrt(np.mean(s**2))
+R = 1 + dg_d[:, above] / s[above]                       # one R per token where |s_i| is above the floor
+print(f"M6d: {above.sum()} of {s.size} multipliers above the floor; spread of R - 1 within a token "
+      f"{np.max(np.ptp(R, axis=-1)):.1e}")
+assert np.max(np.ptp(R, axis=-1)) <= 1e-12 * np.max(np.abs(R))
+print("each construction's algebra checks out")
 
 # %% [markdown]
 # ## Patch sizes
@@ -166,7 +206,7 @@ assert np.allclose(rms_unit(m_cc, eps) * (s + pc["mlp_post_norm.weight"].add), t
 # What each construction changes, per kept token: the Frobenius norm of the `W_down` patch
 # (`‖u‖ ‖v‖` of the Rank1), and the size of the change of the post-norm multiplier,
 # `‖s' − s‖` with `s'` the patched multiplier (`(s + add) · mul`). The inner patches are the same
-# for all three.
+# for all four.
 
 # %%
 def sizes(patch, s):
@@ -188,6 +228,7 @@ print(f"for scale: ||s|| = {np.linalg.norm(s):.3g}, ||W_down||_F = {np.linalg.no
       f"M6b's scalars: {np.round(pb['mlp_post_norm.weight'].mul[late, 0], 3).tolist()}")
 assert np.all(sz["m6a"]["down"] == 0) and np.all(sz["m6b"]["down"][late] > 0)
 assert np.median(sz["m6c"]["scale"][late]) < np.median(sz["m6a"]["scale"][late])   # M6c shrinks M6a's scale patch
+assert np.all(sz["m6d"]["down"][late] > 0)
 
 # %% [markdown]
 # ## Exactness in float64, float32 and bfloat16
@@ -261,11 +302,11 @@ for meth in METHODS + ("floor",):
 assert all(table[("float64", m)] <= 1e-12 for m in METHODS)
 assert all(table[("float32", m)] <= 1e-4 for m in METHODS)
 if bfloat16 is not None:
-    assert all(table[("bfloat16", m)] <= 10 * table[("bfloat16", "floor")] for m in ("m6b", "m6c"))
+    assert all(table[("bfloat16", m)] <= 10 * table[("bfloat16", "floor")] for m in ("m6b", "m6c", "m6d"))
 
 # %% [markdown]
-# On this small model (`D = 64`) all three are exact to the dtype. The difference appears
-# with width, through M6a's precondition.
+# On this small model (`D = 64`) all four are exact to the dtype. The differences appear with
+# width (M6a's precondition, next) and where some multipliers are tiny or zero (the section after).
 #
 # ## Preconditions: where `u^C` has tiny coordinates, M6a's scale patch blows up
 #
@@ -273,14 +314,14 @@ if bfloat16 is not None:
 # dimensions, the smallest `|u^C_i|` is about `1/D`, so the largest `|dg_i| = |δ_i / u^C_i|` grows
 # like `D`. In the patched forward `u^C` is *recomputed* (from the patched hidden), with an
 # absolute rounding error of order `ε · rms(u^C)`; multiplied by `dg_i` that is an output error of
-# `ε |δ_i| / |u^C_i|` — it is not the patch's size that hurts, it is the conditioning. M6c never
-# divides by a small `u^C_i` it did not choose.
+# `ε |δ_i| / |u^C_i|` — it is not the patch's size that hurts, it is the conditioning. M6b, M6c and
+# M6d never divide by a small `u^C_i` they did not choose.
 #
 # Below: `|dg|` over every layer, kept token and coordinate, for the 4-layer `tiny_gemma`
 # (`D = 64`) and for a 2-layer model of Gemma 3 270M's width (`D = 640`, `F = 2048`), then the
 # whole-model float32 error of each construction on the wide model. (In the histograms, the
 # bump near 1e-7 are tokens the context does not reach, `δ = 0`: M6a's patch is exactly 0 there,
-# not drawn on a log axis; M6b's and M6c's is the norm's `ε` at work.)
+# not drawn on a log axis; M6b's, M6c's and M6d's is the norm's `ε` at work.)
 
 # %%
 def all_dg(model, tokens, context):
@@ -309,6 +350,7 @@ for label, d in (("tiny_gemma D=64", dg_small), ("wide D=640", dg_wide)):
           + "   median  " + "  ".join(f"{k} {np.median(v[v > 0]):.3g}" for k, v in d.items()))
 assert np.max(dg_wide["m6a"]) > 10 * np.max(dg_small["m6a"])    # grows with width
 assert np.max(dg_wide["m6c"]) < np.max(dg_wide["m6a"]) / 100     # M6c stays small
+assert np.max(dg_wide["m6d"]) < np.max(dg_wide["m6a"]) / 100     # and so does M6d
 
 wide32 = wide.astype(np.float32)
 kept_w = np.setdiff1d(np.arange(T_w), ctx_w)
@@ -322,7 +364,7 @@ wide_err[("float32", "unpatched")] = rel(wide32.forward(tok_w[kept_w], positions
 print("wide model, logits at kept positions, rel err:")
 for k, v in wide_err.items():
     print(f"  {k[0]:8s} {k[1]:10s} {v:.2e}")
-assert wide_err[("float32", "m6b")] <= 1e-4 and wide_err[("float32", "m6c")] <= 1e-4
+assert all(wide_err[("float32", m)] <= 1e-4 for m in ("m6b", "m6c", "m6d"))
 assert wide_err[("float32", "m6a")] > 100 * wide_err[("float32", "m6c")]
 
 # %%
@@ -330,7 +372,7 @@ fig, ax = plt.subplots(1, 2, figsize=(11, 3.8), sharey=True)
 for a_, (label, d) in zip(ax, (("tiny_gemma (D = 64, 4 layers)", dg_small), ("Gemma-3-270M width (D = 640, 2 layers)", dg_wide))):
     lo = max(1e-12, min(np.min(v[v > 0]) for v in d.values()))
     bins = np.geomspace(lo, max(np.max(v) for v in d.values()) * 1.5, 70)
-    for meth, col in zip(METHODS, ("tab:red", "tab:green", "tab:blue")):
+    for meth, col in zip(METHODS, ("tab:red", "tab:green", "tab:blue", "tab:purple")):
         v = d[meth][d[meth] > 0]
         a_.hist(v, bins=bins, histtype="step", lw=1.6, color=col, density=False,
                 label=f"{meth} (max {np.max(v):.3g})")
@@ -340,12 +382,9 @@ for a_, (label, d) in zip(ax, (("tiny_gemma (D = 64, 4 layers)", dg_small), ("Ge
     a_.set_xlabel("|change of the post-FFW multiplier| per token and coordinate")
     a_.legend(fontsize=8)
 ax[0].set_ylabel("count")
-fig.suptitle("M6a's scale patch dg = δ / u^C blows up where u^C is small; M6c's stays O(1)")
+fig.suptitle("M6a's scale patch dg = δ / u^C blows up where u^C is small; M6b's, M6c's and M6d's stay O(1)")
 fig.tight_layout()
-path = os.path.join(FIG, "02_scale_patch_distribution.png")
-fig.savefig(path, dpi=110)
-plt.close(fig)
-assert os.path.getsize(path) > 0
+show(fig, "02_scale_patch_distribution.png")
 
 # %% [markdown]
 # ### Near zeros and exact zeros
@@ -379,7 +418,7 @@ naive = {"mlp_post_norm.weight": Scale(add=delta / rms_unit(m_near, cfg.norm_eps
 gaps = {"m6a (naive)": float(np.max(np.abs(spec.outer.forward(lp, h_pert, cfg, naive) - target)))}
 print(f"  m6a (naive): max |multiplier change| {np.max(np.abs(naive['mlp_post_norm.weight'].add)):9.3g}"
       f"   on h^C(1 + 1e-13 noise) {gaps['m6a (naive)']:.1e}")
-for meth in ("m6b", "m6c"):
+for meth in ("m6b", "m6c", "m6d"):
     gap_same, patch = check_output_controllable(spec.outer, lp, cfg, h_near, delta, meth)
     gaps[meth] = float(np.max(np.abs(spec.outer.forward(lp, h_pert, cfg, patch) - target)))
     sc = patch["mlp_post_norm.weight"]
@@ -387,13 +426,13 @@ for meth in ("m6b", "m6c"):
           f"error on h^C itself {gap_same:.1e}   on h^C(1 + 1e-13 noise) {gaps[meth]:.1e}")
     assert gap_same <= 1e-12
 assert abs(m_near[-1, 0]) < 1e-12
-assert gaps["m6a (naive)"] > 1e-3 and gaps["m6b"] <= 1e-11 and gaps["m6c"] <= 1e-11
+assert gaps["m6a (naive)"] > 1e-3 and all(gaps[m] <= 1e-11 for m in ("m6b", "m6c", "m6d"))
 
 # %% [markdown]
 # An *exact* zero: a layer whose `W_down` has a zero row (a dead output unit, as pruning leaves
 # one) has `u^C_0 = 0` for every token. M6a has no witness and raises `NotControllableError`
-# (MATH.md §7) naming the token and the quantity; M6b and M6c do not divide by `u^C` and still
-# work, and `method="auto"` never picks M6a here.
+# (MATH.md §7) naming the token and the quantity; M6b, M6c and M6d do not divide by `u^C` and
+# still work, and `method="auto"` never picks M6a here.
 
 # %%
 lp_dead = dict(lp)
@@ -407,14 +446,90 @@ except NotControllableError as e:
     raised = e
     print("m6a:", e)
 assert raised is not None and raised.position == 0 and raised.value == 0.0
-for meth in ("m6b", "m6c"):
+for meth in ("m6b", "m6c", "m6d"):
     gap, _ = check_output_controllable(spec.outer, lp_dead, cfg, h_c, delta, meth)
     print(f"{meth}: max |g'(h) - (g(h) + delta)| = {gap:.1e}")
     assert gap <= 1e-12
 name, _ = m6.construct("auto", s, eps, h_c, linear(lp_dead, "down_proj", h_c), delta,
                        down="down_proj.weight", norm="mlp_post_norm.weight")
 print("method='auto' uses", name)
-assert name != "m6a" and np.all(lp["down_proj.weight"][0] != 0)
+assert name == "m6d" and np.all(lp["down_proj.weight"][0] != 0)
+
+# %% [markdown]
+# ## Zero and tiny multipliers: where M6b refuses and M6c amplifies rounding
+#
+# The real Gemma 3 270M has post-FFW multipliers `s = 1 + g` that are exactly 0 at some
+# coordinates (layers 1, 3 and 4) and others that are tiny. Two facts of MATH.md section 3:
+#
+# * **`s_i = 0`** (the M6c zero-`(1+g)` case): M6b divides by `s` and has no witness. M6c's
+#   objective ignores such a coordinate, so `minipatch.m6.m6c` solves the trust region with those
+#   `s_i` replaced by 1 and stays exact. M6d floors `|s_i|` and is exact too.
+# * **tiny `s_i` and a large `δ`** (the context moves the stream far, as when every earlier
+#   token is context): M6c's `y*_i ≈ s_i t_i / |μ|` is tiny there, so its elementwise residual
+#   scale grows like `|μ| / s_i` and amplifies the rounding of the recomputed hidden. M6d's scale
+#   patch is `s_i (R − 1)` above the floor: no coordinate is singled out.
+#
+# A synthetic post-norm with `D = 64`: a random multiplier with four tiny entries, a random
+# hidden, and a `δ` 30 times larger than the norm's output. Each construction is called
+# directly (`minipatch.m6.CONSTRUCTIONS`), its patched norm is evaluated on the hidden perturbed by
+# 1e-13 (what the patched model's recomputation does, in float64) and, separately, with
+# everything in float32. Then the same with one multiplier set to exactly 0.
+
+# %%
+def post_norm_case(s_vec, seed=12, T=8, F=96):
+    g = np.random.default_rng(seed)
+    D_ = s_vec.size
+    h_ = g.standard_normal((T, F))
+    W_ = g.standard_normal((D_, F)) / np.sqrt(F)
+    delta_ = 30.0 * g.standard_normal((T, D_)) * g.standard_normal((1, D_)) ** 2
+    return h_, W_, delta_
+
+
+def post_norm_errors(s_vec, h_, W_, delta_, noise=1e-13):
+    """Per construction: (max |s' - s|, float64 error under ``noise``, float32 error) or the refusal."""
+    t_ = s_vec * rms_unit(h_ @ W_.T, eps) + delta_
+    h_noisy = h_ * (1 + noise * np.random.default_rng(0).standard_normal(h_.shape))
+    out = {}
+    for meth in METHODS:
+        row = []
+        for dt, hh in ((np.float64, h_noisy), (np.float32, h_)):
+            sd, hd, Wd, dd = (a.astype(dt) for a in (s_vec, hh, W_, delta_))
+            try:
+                pt = m6.CONSTRUCTIONS[meth](sd, eps, h_.astype(dt), h_.astype(dt) @ Wd.T, dd,
+                                            down="d", norm="n")
+            except NotControllableError as e:
+                out[meth] = f"NotControllableError: {e.quantity}"
+                break
+            m_ = pt["d"].apply(hd, hd @ Wd.T) if "d" in pt else hd @ Wd.T
+            got = pt["n"].multiplier(sd) * rms_unit(m_, eps)
+            if dt is np.float64:
+                row.append(float(np.max(np.abs(pt["n"].multiplier(sd) - sd))))
+            row.append(rel(got, t_))
+        else:
+            out[meth] = tuple(row)
+    return out
+
+
+s_tiny = np.exp(0.5 * np.random.default_rng(12).standard_normal(64))
+s_tiny[:4] = [1e-3, -2e-3, 5e-4, 1e-2]          # tiny multipliers
+s_zero = s_tiny.copy()
+s_zero[5] = 0.0                                 # and one exact zero
+cases = {"tiny s_i": s_tiny, "tiny s_i, one s_i = 0": s_zero}
+found = {}
+for label, s_vec in cases.items():
+    found[label] = post_norm_errors(s_vec, *post_norm_case(s_vec))
+    print(f"{label}:  {'method':6s} {'max |s-s0|':>11s} {'fp64 err (h + 1e-13)':>21s} {'fp32 err':>10s}")
+    for meth, r in found[label].items():
+        print(f"{'':22s}{meth:6s} " + (r if isinstance(r, str) else f"{r[0]:11.3g} {r[1]:21.1e} {r[2]:10.1e}"))
+tz, tt = found["tiny s_i, one s_i = 0"], found["tiny s_i"]
+assert isinstance(tz["m6b"], str) and "multiplier" in tz["m6b"]                  # M6b: no witness at s_i = 0
+assert all(not isinstance(tz[m], str) for m in ("m6a", "m6c", "m6d"))          # the others stay exact
+for case in (tt, tz):
+    assert case["m6d"][1] <= 1e-12 < case["m6c"][1]                             # M6c amplifies the 1e-13
+    assert case["m6d"][0] < case["m6c"][0] / 10                                 # its scale patch is large
+    assert case["m6d"][2] <= 1e-4                                               # M6d in float32
+assert m6.construct("auto", s_zero, eps, *(lambda h_, W_, d_: (h_, h_ @ W_.T, d_))(*post_norm_case(s_zero)),
+                    down="d", norm="n")[0] == "m6d"
 
 # %% [markdown]
 # ## M6c's trust-region subproblem
@@ -508,7 +623,7 @@ print(f"M6c in the hard case: max |g'(h) - (g(h) + delta)| = {gap:.1e}")
 assert abs(y_hard[i_min]) > 0.1 and gap <= 1e-12
 
 # %% [markdown]
-# ## Patch sizes across the three constructions, every layer
+# ## Patch sizes across the four constructions, every layer
 #
 # The same comparison as above over all four layers of `tiny_gemma` and the two layers of the
 # wide model, per kept token affected by the context: the change of the post-FFW multiplier
@@ -546,24 +661,29 @@ for ax_, (label, tab) in zip(axs, tabs.items()):
     ax_.set_yscale("log")
     ax_.set_title(label, fontsize=10)
 axs[0].set_ylabel("per-token patch size (‖s' − s‖ or ‖ΔW‖_F)")
-fig.suptitle("Patch sizes of M6a / M6b / M6c (orange: post-FFW multiplier, purple: W_down, gray: W_gate)")
+fig.suptitle("Patch sizes of M6a / M6b / M6c / M6d (orange: post-FFW multiplier, purple: W_down, gray: W_gate)")
 fig.tight_layout()
-path = os.path.join(FIG, "02_patch_sizes.png")
-fig.savefig(path, dpi=110)
-plt.close(fig)
+show(fig, "02_patch_sizes.png")
 for label, tab in tabs.items():
     print(label + ":  median |s'-s|  " + "  ".join(f"{m} {np.median(tab[m]['scale']):.3g}" for m in METHODS)
-          + "   median |dW_down|  " + "  ".join(f"{m} {np.median(tab[m]['down']):.3g}" for m in ("m6b", "m6c")))
-assert os.path.getsize(path) > 0
+          + "   median |dW_down|  " + "  ".join(f"{m} {np.median(tab[m]['down']):.3g}" for m in ("m6b", "m6c", "m6d")))
 assert all(np.max(tab["m6b"]["scale"]) < np.max(tab["m6a"]["scale"]) for tab in tabs.values())
 
 # %% [markdown]
-# **Reading the comparison.** M6a patches the fewest parameters, but its elementwise scale is
-# ill-conditioned: its size grows with the width (max |dg| ~ 1e4 at D = 640), its float32
-# error grows with it (above the 1e-4 tolerance on the 640-wide model, while M6b and M6c stay
-# near 1e-6), and a near-zero coordinate of `u^C` that is not exactly zero passes its check
-# and ruins the result. M6b moves the work into a rank-one `W_down` patch plus one scalar per
-# token, and is the most accurate in low precision here. M6c also patches `W_down` and keeps
-# an elementwise scale, but an O(1) one, and survives the zeros of `u^C` that defeat M6a. What
-# M6c minimises is the scale's *residual*; that its scale patch also comes out smaller than
-# M6b's change of multiplier on these weights is a measurement, not a theorem.
+# **Reading the comparison.** All four are exact in float64 on these random layers; they differ
+# in what they need and in how they handle rounding.
+#
+# * **M6a** patches the fewest parameters, but its elementwise scale `δ / u^C` is
+#   ill-conditioned: its size grows with the width (max |dg| ~ 1e4 at D = 640), its float32
+#   error grows with it (above the 1e-4 tolerance on the 640-wide model, while the others stay
+#   near 1e-6), and it has no witness where `u^C` has a zero coordinate.
+# * **M6b** moves the work into a rank-one `W_down` patch plus one scalar per token: uniform, so
+#   well conditioned, but it needs every `s_i ≠ 0`, which real Gemma 3 270M violates.
+# * **M6c** also patches `W_down` and keeps an elementwise scale, an O(1) one on these weights,
+#   and survives the zeros of `u^C` and (solving with zero `s_i` replaced by 1) of `s`. What it
+#   minimises is the scale's *residual*, not the scale relative to the normalised output: where
+#   some `s_i` are tiny and `δ` is large, its scale patch grows like `|μ| / s_i` and amplifies
+#   rounding.
+# * **M6d** keeps M6b's direction with the multiplier floored away from zero, so it is total
+#   (it needs only `h^C ≠ 0`) and its scale patch is M6b's scalar written elementwise wherever
+#   `|s_i|` is above the floor. `method="auto"` therefore tries it first.

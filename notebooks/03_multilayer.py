@@ -1,7 +1,17 @@
-"""Read-along notebook 03: the multi-layer algorithm (MATH.md M7).
-
-Build and execute with ``python tools/build_notebooks.py 03``.
-"""
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
 
 # %% [markdown]
 # # 03 · Many layers: the constructive algorithm (MATH.md M7)
@@ -21,18 +31,22 @@ Build and execute with ``python tools/build_notebooks.py 03``.
 
 # %%
 import os
+from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
 import minipatch
 from minipatch.models import tiny_gemma
 
-FIG = os.environ.get("MINIPATCH_FIGURES", "../figures")
-os.makedirs(FIG, exist_ok=True)
+FIG = Path(os.environ.get("MINIPATCH_FIGURES", "../output/figures"))   # build tool: the committed figures/
+FIG.mkdir(parents=True, exist_ok=True)
+
+
+def show(fig, name):
+    """Save ``fig`` as FIG/name and display it inline."""
+    fig.savefig(FIG / name, dpi=110, metadata={"Software": None})
+    plt.show()
 
 
 def rel(a, b):
@@ -97,14 +111,20 @@ assert np.all(err_ctl[1:] >= 1e-3)                          # the negative contr
 assert rel(logits_pat, logits_ctx[kept]) <= 1e-10 and rel(logits_ctl, logits_ctx[kept]) >= 1e-3
 
 # %% [markdown]
-# Every patch is token-dependent and rank one on each weight it touches; a dense patch of the
-# last kept token, materialized for the check:
+# Every patch is token-dependent and of rank at most one on each weight it touches. It can be
+# rank **zero**: a kept token whose attention window sees no context token has `n^C = n`, so
+# its M1 patches on `W_gate`/`W_up` are `W (n^C − n) nᵀ/‖n‖² = 0` (M6d then adds nothing to
+# `W_down` either when `δ = 0`). The BOS token at position 0 is one: it attends only to itself.
+# Each kept token's dense patch, materialized for the check:
 
 # %%
-ranks = {(l, name): int(np.linalg.matrix_rank(p.dense(len(kept) - 1)))
-         for l, lp in enumerate(res.patches.layers) for name, p in lp.items() if isinstance(p, minipatch.Rank1)}
-print(sorted(set(ranks.values())), "over", len(ranks), "(layer, weight) pairs")
-assert set(ranks.values()) == {1}
+ranks = {(l, name, int(kept[t])): int(np.linalg.matrix_rank(p.dense(t)))
+         for l, lp in enumerate(res.patches.layers) for name, p in lp.items() if isinstance(p, minipatch.Rank1)
+         for t in range(len(kept))}
+count = {r: sum(v == r for v in ranks.values()) for r in sorted(set(ranks.values()))}
+print("rank: number of (layer, weight, kept token) patches =", count)
+assert set(ranks.values()) <= {0, 1}
+assert all(r == 1 for (l, name, pos), r in ranks.items() if pos == kept[-1])   # the last token sees context
 
 # %%
 fig, ax = plt.subplots(figsize=(7.5, 4))
@@ -120,23 +140,23 @@ ax.set_title(f"M7 on a {cfg.n_layers}-layer tiny Gemma (float64), non-prefix con
              fontsize=10)
 ax.legend(fontsize=8, loc="center right")
 fig.tight_layout()
-path = os.path.join(FIG, "03_error_per_layer.png")
-fig.savefig(path, dpi=110)
-plt.close(fig)
-assert os.path.getsize(path) > 0
+show(fig, "03_error_per_layer.png")
 
 # %% [markdown]
 # ## Every construction, and the patch sizes per layer
 #
-# The same check for each outer construction (M6a, M6b, M6c), with the median per-token
-# Frobenius norm of the `gate_proj` patch per layer (from `Patches.norms()`) and the largest
-# change of the post-FFW multiplier. M6a is exact in exact arithmetic, but its elementwise
-# scale `δ / u^C` amplifies rounding where `u^C` has a small coordinate (notebook 02): through
-# 12 layers in float64 it can miss the 1e-10 tolerance that M6b and M6c meet with room to spare.
+# `absorb` above used `method="auto"`, which picks a construction per layer in the order of
+# MATH.md section 3 ("Which construction `method="auto"` picks": M6d first, then M6c, M6b,
+# M6a); here every layer took M6d. The same check for each outer construction (M6a, M6b, M6c,
+# M6d), with the median per-token Frobenius norm of the `gate_proj` patch per layer (from
+# `Patches.norms()`) and the largest change of the post-FFW multiplier. M6a is exact in exact
+# arithmetic, but its elementwise scale `δ / u^C` amplifies rounding where `u^C` has a small
+# coordinate (notebook 02): through 12 layers in float64 it can miss the 1e-10 tolerance that
+# M6b, M6c and M6d meet with room to spare.
 
 # %%
 errs = {}
-for meth in ("m6a", "m6b", "m6c"):
+for meth in ("m6a", "m6b", "m6c", "m6d"):
     r = minipatch.absorb(model, tokens, context, method=meth)
     errs[meth] = rel(minipatch.patched_forward(model, tokens, r), logits_ctx[kept])
     gate = [float(np.median(n["gate_proj.weight"])) for n in r.patches.norms()]
@@ -145,7 +165,8 @@ for meth in ("m6a", "m6b", "m6c"):
              for lp, p in zip(r.patches.layers, model.params["layers"]))
     print(f"{meth}: logits rel err {errs[meth]:.1e};  max |multiplier change| {dg:9.3g};  "
           f"median |dW_gate| per layer {np.round(gate, 2).tolist()}")
-assert errs["m6b"] <= 1e-10 and errs["m6c"] <= 1e-10
+assert errs["m6b"] <= 1e-10 and errs["m6c"] <= 1e-10 and errs["m6d"] <= 1e-10
+assert set(res.methods) <= {"m6d", "m6c", "m6b", "m6a"} and res.methods[0] == "m6d"
 assert errs["m6a"] <= 1e-6          # exact up to amplified rounding; compare with the 1e-10 above
 
 # %% [markdown]

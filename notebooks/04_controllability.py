@@ -1,7 +1,17 @@
-"""Read-along notebook 04: the controllability framework (MATH.md section 5, M8).
-
-Build and execute with ``python tools/build_notebooks.py 04``.
-"""
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
 
 # %% [markdown]
 # # 04 · Controllability: why every block family has an exact patch (MATH.md §5, M8)
@@ -22,10 +32,8 @@ Build and execute with ``python tools/build_notebooks.py 04``.
 
 # %%
 import os
+from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
@@ -35,8 +43,16 @@ from minipatch.controllability import (GatedInner, IdentityActInner, max_abs_dif
                                        check_output_controllable, m8)
 from minipatch.models import tiny
 
-FIG = os.environ.get("MINIPATCH_FIGURES", "../figures")
-os.makedirs(FIG, exist_ok=True)
+FIG = Path(os.environ.get("MINIPATCH_FIGURES", "../output/figures"))   # build tool: the committed figures/
+FIG.mkdir(parents=True, exist_ok=True)
+
+
+def show(fig, name):
+    """Save ``fig`` as FIG/name and display it inline."""
+    fig.savefig(FIG / name, dpi=110, metadata={"Software": None})
+    plt.show()
+
+
 rng = np.random.default_rng(0)
 T, D = 6, 64
 
@@ -54,7 +70,6 @@ def size(x):
 
 
 print("minipatch", minipatch.__version__)
-assert callable(check_input_controllable) and callable(check_output_controllable)
 
 # %% [markdown]
 # ## The two definitions, executable
@@ -105,6 +120,7 @@ OUTER = [
     ("post-norm RMSNorm outer: M6a", "gemma3", "m6a"),
     ("post-norm RMSNorm outer: M6b", "gemma3", "m6b"),
     ("post-norm RMSNorm outer: M6c", "gemma3", "m6c"),
+    ("post-norm RMSNorm outer: M6d", "gemma3", "m6d"),
     ("MoE outer: one expert, delta / w_e", "qwen2_moe", "one"),
     ("MoE outer: every active expert, delta / S", "qwen2_moe", "all"),
 ]
@@ -141,8 +157,7 @@ ax.set_xlabel("relative error of the witness (blue: inner, orange: outer)")
 ax.set_title("MATH.md §5 witness table, measured in float64")
 ax.legend()
 fig.tight_layout()
-fig.savefig(f"{FIG}/04_witness_errors.png", dpi=120)
-assert os.path.exists(f"{FIG}/04_witness_errors.png")
+show(fig, "04_witness_errors.png")
 
 # %% [markdown]
 # ## MoE: measure the realised gate sum `S`
@@ -180,8 +195,7 @@ ax.axvline(1.0, color="tab:red", label="Mixtral: S = 1")
 ax.set_xlabel("realised gate sum S per token")
 ax.legend(fontsize=8)
 fig.tight_layout()
-fig.savefig(f"{FIG}/04_gate_sum.png", dpi=120)
-assert os.path.exists(f"{FIG}/04_gate_sum.png")
+show(fig, "04_gate_sum.png")
 
 # %% [markdown]
 # ## M8: compose the two witnesses

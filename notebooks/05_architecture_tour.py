@@ -1,7 +1,17 @@
-"""Read-along notebook 05: a tour of the block families (MATH.md M8, M6, M3, M4, M7).
-
-Build and execute with ``python tools/build_notebooks.py 05``.
-"""
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
 
 # %% [markdown]
 # # 05 · Architecture tour: one spine, every block family
@@ -22,9 +32,6 @@ Build and execute with ``python tools/build_notebooks.py 05``.
 import os
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
@@ -32,8 +39,16 @@ import minipatch
 from minipatch.config import FAMILIES
 from minipatch.models import tiny
 
-FIG = os.environ.get("MINIPATCH_FIGURES", "../figures")
-os.makedirs(FIG, exist_ok=True)
+FIG = Path(os.environ.get("MINIPATCH_FIGURES", "../output/figures"))   # build tool: the committed figures/
+FIG.mkdir(parents=True, exist_ok=True)
+
+
+def show(fig, name):
+    """Save ``fig`` as FIG/name and display it inline."""
+    fig.savefig(FIG / name, dpi=110, metadata={"Software": None})
+    plt.show()
+
+
 T = 24
 CONTEXT = [1, 2, 3, 4, 5, 6, 9, 10, 11, 15]           # not a prefix: kept tokens sit in between
 tok = np.random.default_rng(0).integers(0, 256, T)
@@ -71,13 +86,16 @@ assert set(rows["vanilla_m4"]["res"].patches.layers[0]) == {"up_proj.weight", "d
 assert "down_proj.weight" in rows["neox"]["res"].patches.layers[0]                          # parallel: outer only
 assert "up_proj.weight" not in rows["neox"]["res"].patches.layers[0]
 assert "mlp_post_norm.weight" in rows["gemma3"]["res"].patches.layers[0]                    # M6 outer
+assert all(rows[f]["res"].methods[0] == "m6d" for f in ("gemma3", "gemma2", "olmo2"))       # auto: M6d first
 
 # %% [markdown]
 # Reading the table:
 #
 # - **Gemma 2/3 and OLMo 2** have a post-norm after the down-projection: the outer witness is
-#   one of M6a/b/c, so `mlp_post_norm.weight` gets a `Scale` patch (and `W_down` an M2 patch for
-#   M6b/M6c). OLMo 2 has no pre-norms at all; its inner part reads `z` directly.
+#   one of M6a/b/c/d, so `mlp_post_norm.weight` gets a `Scale` patch (and `W_down` an M2 patch for
+#   M6b/M6c/M6d). `method="auto"` tries M6d first, then M6c, M6b, M6a (MATH.md section 3), so the
+#   `construction` column above reads `m6d` for these three families. OLMo 2 has no pre-norms at
+#   all; its inner part reads `z` directly.
 # - **Llama-like, GPT-2 and post-norm** blocks: M1 on the weights that read the (normalized)
 #   MLP input, M2 on `W_down`.
 # - **Parallel blocks** (GPT-J, GPT-NeoX, PaLM): the MLP input is the layer input `x`, which does
@@ -136,10 +154,9 @@ ax.set_title("Patch size per layer, every block family (float64, random weights)
 ax.set_xticks(range(4))
 ax.legend(fontsize=7, ncol=3)
 fig.tight_layout()
-fig.savefig(f"{FIG}/05_patch_norms.png", dpi=120)
+show(fig, "05_patch_norms.png")
 for family, r in rows.items():
     print(f"{family:10s}", " ".join(f"{v:8.2e}" for v in r["norms"]))
-assert os.path.exists(f"{FIG}/05_patch_norms.png")
 
 # %% [markdown]
 # ## Against Hugging Face transformers

@@ -1,4 +1,18 @@
-"""Notebook 06: the real Gemma 3 270M — patches, generation, few-shot dynamics, persona condensation."""
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
 # %% [markdown]
 # # 06 — The real model: Gemma 3 270M (MATH.md M6, M7)
 #
@@ -24,10 +38,9 @@ import time
 import warnings
 from pathlib import Path
 
-import matplotlib
-matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
+from IPython.display import Image, display
 
 import minipatch as mp
 from minipatch.dynamics import few_shot_dynamics
@@ -36,6 +49,16 @@ from minipatch.io.gguf import gemma3_270m_path, read_gguf_metadata
 from minipatch.io.tokenizer import decode, encode, tokenizer_from_gguf
 from minipatch.patches import Scale
 from minipatch.thought import RankDeficientWarning, persona_experiment
+
+FIG = Path(os.environ.get("MINIPATCH_FIGURES", "../output/figures"))   # build tool: the committed figures/
+FIG.mkdir(parents=True, exist_ok=True)
+
+
+def show(fig, name):
+    """Save ``fig`` as FIG/name and display it inline."""
+    fig.savefig(FIG / name, dpi=110, metadata={"Software": None})
+    plt.show()
+
 
 def rel(a, b):
     a, b = np.asarray(mp.backend.to_numpy(a), np.float64), np.asarray(mp.backend.to_numpy(b), np.float64)
@@ -46,20 +69,23 @@ path = gemma3_270m_path()
 model64 = mp.load(path, dtype="float64")
 model32 = model64.astype("float32")
 tok = tokenizer_from_gguf(read_gguf_metadata(path))
-print(model64, f"loaded in {time.perf_counter() - t0:.0f} s")
+t_load = time.perf_counter() - t0
+print(model64)
 assert model64.cfg.n_layers == 18 and model64.cfg.d_model == 640 and model64.cfg.vocab_size == 262144
+
+# %% tags=["volatile"]
+print(f"loaded in {t_load:.0f} s")
 
 # %% [markdown]
 # ## 1. The float64 forward against Hugging Face
-# The shared fixture holds, for each of five prompts followed by their 20-token greedy
-# continuation, the top-32 logits of a true-float64 run of transformers.
+# The fixture `tests/fixtures/gemma3-270m/` holds, for each of five prompts followed by their
+# 20-token greedy continuation, the top-32 logits of a true-float64 run of transformers.
 
 # %%
-SHARED = os.environ.get("MINIPATCH_SHARED", Path(mp.__file__).resolve().parents[2] / "shared")   # as tests/conftest.py
-FIX = Path(SHARED) / "fixtures" / "gemma3-270m"
+FIX = Path("../tests/fixtures/gemma3-270m")     # in the repository (tests/fixtures/README.md)
 meta = json.load(open(f"{FIX}/prompts.json"))
 prompts = [p["text"] for p in meta["prompts"]]
-ref = dict(np.load(f"{FIX}/prompt_1.npz"))
+ref = dict(np.load(f"{FIX}/prompt_1.npz", allow_pickle=False))
 logits = np.asarray(model64.forward(ref["seq"]))
 err = np.max(np.abs(np.take_along_axis(logits, ref["topk_ids_fp64"], -1) - ref["topk_logits_fp64"]))
 print(f"prompt 1, {ref['seq'].size} tokens: max |ours - HF| on the top-32 logits = {err:.1e}")
@@ -100,7 +126,7 @@ for ax, h, title in zip(axes, (rank1, scale), ("rank-1 patches of gate, up, down
     fig.colorbar(im, ax=ax, label="log10 ||patch||")
 axes[0].set_ylabel("layer")
 fig.suptitle("Gemma 3 270M, prompt 2 absorbed (M7, auto): patch norm per layer and kept token", fontsize=10)
-fig.tight_layout(); fig.savefig("../figures/06_patch_heatmap.png", dpi=120)
+fig.tight_layout(); show(fig, "06_patch_heatmap.png")
 top = np.unravel_index(np.argmax(heat), heat.shape)
 print(f"largest: layer {top[0]}, kept token {labels[top[1]]!r}")
 print("rank-1 patches, max over tokens per layer:", np.round(rank1.max(1), 2))
@@ -145,13 +171,19 @@ assert err_c < 1e-10 and err_d < 1e-10 and err_a > 1e3 * err_c
 t1 = time.perf_counter()
 gen = run_experiment(model64, tok, prompts[:2], n_new=10, dtypes=("float32",),
                      methods=("m6a", "m6c", "m6d"), progress=False)
+t_gen = time.perf_counter() - t1
 print(format_table(gen["summary"]))
-print(f"({time.perf_counter() - t1:.0f} s)")
-plot(gen, "../figures/06_generation_agreement.png")
+backend = plt.get_backend()
+plot(gen, FIG / "06_generation_agreement.png")      # minipatch.experiment's figure, written with Agg
+plt.switch_backend(backend)                         # back to the notebook's (inline) backend
+display(Image(filename=FIG / "06_generation_agreement.png"))
 s = gen["summary"]
 assert s["float32/m6c"]["agree"] == 20 and s["float32/m6c"]["max_rel_err"] < 1e-2
 assert s["float32/m6d"]["agree"] == 20 and s["float32/m6d"]["max_rel_err"] <= 1e-4   # the float32 bar
 assert s["float32/m6a"]["prefix_agree"] < s["float32/m6c"]["prefix_agree"]
+
+# %% tags=["volatile"]
+print(f"generation experiment: {t_gen:.0f} s")
 
 # %% [markdown]
 # ## 4. A few-shot prompt consumed example by example (M5 through M7)
@@ -180,7 +212,7 @@ ax[0].set_xlabel("layer"); ax[0].set_ylabel("||increment|| (all patches, query t
 ax[0].legend(fontsize=7); ax[0].set_title("what each example adds, per layer", fontsize=10)
 ax[1].semilogy(range(1, len(examples) + 1), inc.sum(1), "o-")
 ax[1].set_xlabel("example"); ax[1].set_ylabel("sum over layers"); ax[1].set_title("increment per example", fontsize=10)
-fig.tight_layout(); fig.savefig("../figures/06_few_shot_dynamics.png", dpi=120)
+fig.tight_layout(); show(fig, "06_few_shot_dynamics.png")
 print("increment per example (sum over layers):", np.round(inc.sum(1), 1))
 assert inc.shape == (len(examples), 18) and np.all(np.isfinite(inc)) and np.all(inc > 0)
 
@@ -206,6 +238,9 @@ h, c = out["heldout"], out["calib"]
 print(f"held-out ({h['n_tokens']} tokens): KL {h['kl']:.3f} (no persona {h['kl_base']:.3f}), "
       f"top-1 {h['top1']:.2f} (no persona {h['top1_base']:.2f})")
 print(f"calibration ({c['n_tokens']} tokens): KL {c['kl']:.3f} (no persona {c['kl_base']:.3f}), "
-      f"top-1 {c['top1']:.2f} (no persona {c['top1_base']:.2f})   [{time.perf_counter() - t2:.0f} s]")
+      f"top-1 {c['top1']:.2f} (no persona {c['top1_base']:.2f})")
+t_persona = time.perf_counter() - t2
 assert c["kl"] < c["kl_base"] and h["kl"] < h["kl_base"] and h["top1"] > h["top1_base"]
-print(f"notebook total {time.perf_counter() - t0:.0f} s")
+
+# %% tags=["volatile"]
+print(f"persona condensation {t_persona:.0f} s; notebook total {time.perf_counter() - t0:.0f} s")

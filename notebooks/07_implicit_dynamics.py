@@ -1,4 +1,18 @@
-"""Notebook 07: the implicit learning dynamics of a prompt (MATH.md M5)."""
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
 # %% [markdown]
 # # 07 — Learning without training: the implicit dynamics of a prompt (MATH.md M5)
 #
@@ -15,8 +29,9 @@
 # multi-layer models, where it only partly holds.
 
 # %%
-import matplotlib
-matplotlib.use("Agg")
+import os
+from pathlib import Path
+
 import matplotlib.pyplot as plt
 import numpy as np
 
@@ -24,6 +39,16 @@ from minipatch import lemmas
 from minipatch.blocks import attn_sublayer
 from minipatch.dynamics import first_block_dynamics, model_dynamics
 from minipatch.models import tiny, tiny_gemma
+
+FIG = Path(os.environ.get("MINIPATCH_FIGURES", "../output/figures"))   # build tool: the committed figures/
+FIG.mkdir(parents=True, exist_ok=True)
+
+
+def show(fig, name):
+    """Save ``fig`` as FIG/name and display it inline."""
+    fig.savefig(FIG / name, dpi=110, metadata={"Software": None})
+    plt.show()
+
 
 def rel(a, b):
     return float(np.max(np.abs(np.asarray(a) - np.asarray(b))) / np.max(np.abs(np.asarray(b))))
@@ -96,7 +121,7 @@ for a_, (inc, tot, lab) in zip(ax, [(v_inc, v_tot, "vanilla M3 block (W = up_pro
     a_.loglog(np.arange(n + 1)[1:], tot[1:], "s-", ms=3, label=r"$\|dW_i\|_F$")
     a_.loglog(i, inc[0] / i, "k--", lw=0.8, label="1/i")
     a_.set_xlabel("context tokens consumed i"); a_.set_title(lab, fontsize=10); a_.legend(fontsize=8)
-fig.tight_layout(); fig.savefig("../figures/07_increment_decay.png", dpi=120)
+fig.tight_layout(); show(fig, "07_increment_decay.png")
 print("vanilla increments first/last 8:", v_inc[:8].mean().round(3), v_inc[-8:].mean().round(3))
 print("gemma   increments first/last 8:", g_inc[:8].mean().round(3), g_inc[-8:].mean().round(3))
 assert v_inc[-8:].mean() < 0.3 * v_inc[:8].mean()          # vanilla: strong decay
@@ -127,7 +152,7 @@ for l in range(4):
 ax[0].set_title("||dW_i - dW_{i-1}||_F (gate_proj)", fontsize=10); ax[1].set_title("drift part (0 = pure GD step)", fontsize=10)
 for a_ in ax:
     a_.set_xlabel("context tokens consumed i"); a_.legend(fontsize=8)
-fig.tight_layout(); fig.savefig("../figures/07_layers.png", dpi=120)
+fig.tight_layout(); show(fig, "07_layers.png")
 
 # %% [markdown]
 # **Summary.** For one block whose input does not depend on the context (a vanilla M3 block,

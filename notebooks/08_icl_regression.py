@@ -1,4 +1,18 @@
-"""Notebook 08: in-context linear regression as an implicit weight update (M3, M5)."""
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
 # %% [markdown]
 # # 08 — In-context linear regression: one gradient step, moved into a weight (M3, M5)
 #
@@ -13,12 +27,23 @@
 # `W` (rank-1, M1); M5 describes how that update grows example by example.
 
 # %%
-import matplotlib
-matplotlib.use("Agg")
+import os
+from pathlib import Path
+
 import matplotlib.pyplot as plt
 import numpy as np
 
 from minipatch import icl
+
+FIG = Path(os.environ.get("MINIPATCH_FIGURES", "../output/figures"))   # build tool: the committed figures/
+FIG.mkdir(parents=True, exist_ok=True)
+
+
+def show(fig, name):
+    """Save ``fig`` as FIG/name and display it inline."""
+    fig.savefig(FIG / name, dpi=110, metadata={"Software": None})
+    plt.show()
+
 
 def rel(a, b):
     return float(np.max(np.abs(np.asarray(a) - np.asarray(b))) / np.max(np.abs(np.asarray(b))))
@@ -64,7 +89,7 @@ ax.semilogy(n_ax, loss, label="LSA block = one GD step")
 ax.semilogy(n_ax, np.maximum(ols, 1e-30), label="least squares (min-norm)")
 ax.axhline(zero, color="k", ls=":", label="predict 0")
 ax.set_xlabel("in-context examples N"); ax.set_ylabel("test MSE"); ax.legend(fontsize=8)
-fig.tight_layout(); fig.savefig("../figures/08_test_loss.png", dpi=120)
+fig.tight_layout(); show(fig, "08_test_loss.png")
 print("test MSE at N = 1, 8, 64:", loss[[0, 7, 63]].round(3), " predict-0:", round(float(zero), 3))
 assert loss[-1] < 0.3 * loss[0] and loss[-1] < 0.3 * zero
 
@@ -87,7 +112,7 @@ fig, ax = plt.subplots(figsize=(5.5, 3.8))
 ax.loglog(n_ax, inc, "o-", ms=3, label=r"$\|dW_i - dW_{i-1}\|_F$")
 ax.loglog(n_ax, inc[0] / n_ax, "k--", lw=0.8, label="1/i")
 ax.set_xlabel("examples consumed i"); ax.legend(fontsize=8)
-fig.tight_layout(); fig.savefig("../figures/08_increments.png", dpi=120)
+fig.tight_layout(); show(fig, "08_increments.png")
 slope = np.polyfit(np.log(n_ax[8:]), np.log(inc[8:]), 1)[0]
 print(f"max error of M5 identities: {max(errs):.1e}; log-log slope of the increments (i >= 9): {slope:.2f}")
 assert max(errs) < 1e-12 and -1.3 < slope < -0.7
@@ -118,7 +143,7 @@ ax.plot(counts, cond, "o-", label="least-squares condensation over queries")
 ax.axhline(np.mean(np.abs(single)), color="gray", ls="--", label="one query, mean |cos|")
 ax.axvline(d, color="k", ls=":", lw=0.8)
 ax.set_xlabel("queries condensed"); ax.set_ylabel("cosine with explicit GD step"); ax.legend(fontsize=8)
-fig.tight_layout(); fig.savefig("../figures/08_alignment.png", dpi=120)
+fig.tight_layout(); show(fig, "08_alignment.png")
 print("one query: mean |cos| =", round(float(np.mean(np.abs(single))), 3), "; condensed, 1..16 queries:", np.round(cond, 3))
 assert np.mean(np.abs(single)) < 0.7 and abs(cond[d - 1] - 1) < 1e-12
 rb = icl.random_block(d, hidden=32, seed=1)

@@ -1,4 +1,18 @@
-"""Notebook 09: least-squares thought vectors and thought matrices (MATH.md section 6)."""
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
 # %% [markdown]
 # # 09 — Thought vectors and thought matrices: condensing token-dependent patches (MATH.md §6)
 #
@@ -13,9 +27,10 @@
 # whose residual is reported.
 
 # %%
+import os
 import warnings
-import matplotlib
-matplotlib.use("Agg")
+from pathlib import Path
+
 import matplotlib.pyplot as plt
 import numpy as np
 
@@ -23,6 +38,16 @@ from minipatch import lemmas
 from minipatch.models import tiny, tiny_gemma
 from minipatch.thought import (RankDeficientWarning, condensation_curve, condense, condensed_model, evaluate,
                                thought_matrix, thought_vector)
+
+FIG = Path(os.environ.get("MINIPATCH_FIGURES", "../output/figures"))   # build tool: the committed figures/
+FIG.mkdir(parents=True, exist_ok=True)
+
+
+def show(fig, name):
+    """Save ``fig`` as FIG/name and display it inline."""
+    fig.savefig(FIG / name, dpi=110, metadata={"Software": None})
+    plt.show()
+
 
 def rel(a, b):
     return float(np.max(np.abs(np.asarray(a) - np.asarray(b))) / np.max(np.abs(np.asarray(b))))
@@ -53,7 +78,7 @@ res = [thought_matrix(A[:T], A2[:T] @ W.T, W).rel_residual for T in Ts]
 fig, ax = plt.subplots(figsize=(5.5, 3.8))
 ax.plot(Ts, res, "o-", ms=3); ax.axvline(d_in, color="k", ls=":", lw=0.8)
 ax.set_xlabel("calibration tokens T"); ax.set_ylabel("relative residual"); ax.set_title("random targets, in = 32", fontsize=10)
-fig.tight_layout(); fig.savefig("../figures/09_residual.png", dpi=120)
+fig.tight_layout(); show(fig, "09_residual.png")
 print("relative residual at T = 16, 32, 64, 128:", np.round([res[3], res[7], res[15], res[31]], 3))
 assert max(res[:8]) < 1e-12 and res[8] > 1e-3
 with warnings.catch_warnings(record=True) as caught:
@@ -117,7 +142,7 @@ ax[1].axhline(cur["top1_base"][0], color="k", ls=":", label="no context")
 ax[1].set_ylabel("top-1 agreement with context")
 for a_ in ax:
     a_.set_xlabel("calibration tokens"); a_.legend(fontsize=8)
-fig.tight_layout(); fig.savefig("../figures/09_condensation_curve.png", dpi=120)
+fig.tight_layout(); show(fig, "09_condensation_curve.png")
 assert np.all(np.isfinite(cur["kl"])) and cur["calib_kl"][0] < cur["kl_base"][0]
 assert cur["kl"][-1] < cur["kl_base"][0]      # with 256 tokens, better than no context on held-out
 

@@ -3,10 +3,10 @@
 The audit compares our float64 forward with a reference's logits and hidden states and checks
 the theorem (M7: patched-without-context logits equal the with-context logits at the kept
 positions) on the checkpoint. References: the true-float64 ``reference.npz`` of the fixtures
-(must agree to rounding) and ``tests/fixtures/audit/*_stock_fp64.npz``, made by
+(must agree to rounding) and ``tests/fixtures/<model>/reference_stock_fp64.npz``, made by
 ``tools/make_audit_reference.py`` with stock transformers, which rounds RMSNorm, RoPE and the
-softmax to float32 (shared/fixtures/README.md section 3): the audit must catch that at the first
-decoder layer.
+softmax to float32 (tests/fixtures/HF_FIXTURES.md section 3): the audit must catch that at the
+first decoder layer.
 """
 from __future__ import annotations
 
@@ -19,14 +19,13 @@ import numpy as np
 import pytest
 from hypothesis import given, strategies as st
 
-from conftest import CONTROL_MIN, LOCAL_FIXTURES, shared_fixture
+from helpers import CONTROL_MIN, FIXTURES, fixture, load_npz
 from minipatch.__main__ import main
 from minipatch.audit import KEYS, read_reference
 from minipatch.errors import MinipatchError, ModelFileError
 
 pytestmark = pytest.mark.audit
 
-AUDIT_REFS = LOCAL_FIXTURES / "audit"
 JSON_KEYS = {"arch", "logits_max_abs_err", "logits_max_rel_err", "first_divergent_layer",
              "absorb_max_rel_err_self", "absorb_max_rel_err_reference", "unpatched_max_rel_err", "ok"}
 THEOREM_KEYS = ("absorb_max_rel_err_self", "absorb_max_rel_err_reference", "unpatched_max_rel_err")
@@ -40,11 +39,6 @@ def cli(capsys, model, reference, *extra, as_json=True):
     return rc, (json.loads(out) if as_json else out), err
 
 
-def load_npz(path):
-    with np.load(path, allow_pickle=False) as z:
-        return {k: z[k] for k in z.files}
-
-
 def write_npz(path, **arrays):
     np.savez(path, **arrays)
     return path
@@ -52,8 +46,8 @@ def write_npz(path, **arrays):
 
 @pytest.fixture(scope="module")
 def gemma():
-    """(model folder, true-fp64 reference arrays) of the shared gemma3_text fixture."""
-    folder = shared_fixture("gemma3_text")
+    """(model folder, true-fp64 reference arrays) of the gemma3_text fixture."""
+    folder = fixture("gemma3_text")
     return folder, load_npz(folder / "reference.npz")
 
 
@@ -63,7 +57,7 @@ def gemma():
 @pytest.mark.parametrize("name", ["gemma3_text", "llama"])
 def test_true_fp64_reference_agrees_to_rounding(name, capsys):
     """The true-fp64 reference passes even at rtol 1e-12; theorem holds; control is large."""
-    folder = shared_fixture(name)
+    folder = fixture(name)
     rc, r, _ = cli(capsys, folder, folder / "reference.npz", "--rtol", "1e-12")
     assert set(r) - {"hidden_state_rel_errs"} == JSON_KEYS and set(KEYS) == JSON_KEYS
     assert rc == 0 and r["ok"] is True
@@ -90,8 +84,8 @@ def test_stock_fp64_diverges_at_first_decoder_layer(name, capsys):
     """Stock HF "float64" is flagged at rtol 1e-9: layer 0 (embeddings, scale sqrt(64) = 8 exact)
     agrees exactly, hidden state 1 (output of decoder layer 0) is the first to diverge, by ~1e-7:
     float32 RMSNorm/RoPE/softmax. The theorem still holds against our own logits."""
-    folder = shared_fixture(name)
-    ref = AUDIT_REFS / f"{name}_stock_fp64.npz"
+    folder = fixture(name)
+    ref = folder / "reference_stock_fp64.npz"
     rc, r, _ = cli(capsys, folder, ref)
     assert rc == 1 and r["ok"] is False
     assert r["first_divergent_layer"] == 1
@@ -110,20 +104,19 @@ def test_stock_fp64_diverges_at_first_decoder_layer(name, capsys):
 def test_stock_reference_provenance(name):
     """The stored stock logits are the fixture's ``logits_stock`` bit for bit (same HF call,
     AVX2 kernels pinned), on the fixture's input, with context 1..15."""
-    shared = load_npz(shared_fixture(name) / "reference.npz")
-    stock = read_reference(AUDIT_REFS / f"{name}_stock_fp64.npz")
+    true = load_npz(fixture(name) / "reference.npz")
+    stock = read_reference(fixture(name) / "reference_stock_fp64.npz")
     assert set(stock) == {"input_ids", "logits", "hidden_states", "context_positions"}
-    assert np.array_equal(stock["input_ids"], shared["input_ids"])
+    assert np.array_equal(stock["input_ids"], true["input_ids"])
     assert np.array_equal(stock["context_positions"], np.arange(1, 16))
-    assert np.array_equal(stock["logits"], shared["logits_stock"])
-    assert stock["hidden_states"].shape == shared["hidden_states"].shape
+    assert np.array_equal(stock["logits"], true["logits_stock"])
+    assert stock["hidden_states"].shape == true["hidden_states"].shape
 
 
 # --------------------------------------------------------------------------- every family
 
 
-FAMILY_DIRS = sorted(p for p in LOCAL_FIXTURES.iterdir() if (p / "reference.npz").exists()) \
-    if LOCAL_FIXTURES.exists() else []
+FAMILY_DIRS = sorted(p for p in FIXTURES.iterdir() if (p / "reference.npz").exists())
 
 
 @pytest.mark.parametrize("folder", FAMILY_DIRS, ids=[p.name for p in FAMILY_DIRS])

@@ -15,7 +15,7 @@ from minipatch.errors import InputError, NotControllableError, ShapeError
 from minipatch.models import tiny, tiny_gemma
 from minipatch.patches import Rank1
 
-from conftest import CONTROL_MIN, TOL64_BLOCK, rel_err
+from helpers import CONTROL_MIN, TOL64_BLOCK, rel_err
 
 pytestmark = pytest.mark.m5
 

@@ -20,7 +20,7 @@ from minipatch.lemmas import m1
 from minipatch.m6 import trust_region
 from minipatch.model import Model
 from minipatch.models import tiny
-from conftest import CONTROL_MIN, TOL64_BLOCK, TOL64_MODEL, rel_err
+from helpers import CONTROL_MIN, TOL64_BLOCK, TOL64_MODEL, rel_err
 from test_families import block_checks, fam_params, moe_loop_reference
 
 T = 16

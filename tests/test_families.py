@@ -22,7 +22,7 @@ from minipatch.controllability import take_rows
 from minipatch.models import tiny
 from minipatch.ops import erf, gelu_erf, silu, softmax
 from minipatch.patches import Rank1, Shift
-from conftest import CONTROL_MIN, TOL32, TOL64_BLOCK, TOL64_MODEL, rel_err
+from helpers import CONTROL_MIN, TOL32, TOL64_BLOCK, TOL64_MODEL, rel_err
 
 # family -> markers (pytest -m <family marker> / -m m8 grade one unit)
 MARKS = {

@@ -16,7 +16,7 @@ import minipatch
 from minipatch.errors import ModelFileError, UnsupportedArchitectureError
 from minipatch.io.hf import config_from_hf, model_from_hf
 from minipatch.io.safetensors import read_checkpoint_folder
-from conftest import CONTROL_MIN, LOCAL_FIXTURES, TOL32, TOL64_BLOCK, TOL64_MODEL, rel_err
+from helpers import CONTROL_MIN, FIXTURES, fixture, TOL32, TOL64_BLOCK, TOL64_MODEL, rel_err
 
 pytestmark = pytest.mark.io
 
@@ -27,10 +27,7 @@ MARKS = {"gemma2": "gemma", "mistral": "llama", "qwen2": "llama", "qwen3": "llam
 def _params():
     out = []
     for name, mark in MARKS.items():
-        marks = [getattr(pytest.mark, mark)]
-        if not (LOCAL_FIXTURES / name / "reference.npz").exists():
-            marks.append(pytest.mark.skip(reason=f"fixture tests/fixtures/{name} not built"))
-        out.append(pytest.param(name, id=name, marks=marks))
+        out.append(pytest.param(name, id=name, marks=[getattr(pytest.mark, mark)]))
     return out
 
 
@@ -39,7 +36,7 @@ _CACHE = {}
 
 def load(name):
     if name not in _CACHE:
-        d = LOCAL_FIXTURES / name
+        d = fixture(name)
         _CACHE[name] = (minipatch.load(d), dict(np.load(d / "reference.npz", allow_pickle=False)))
     return _CACHE[name]
 
@@ -102,7 +99,7 @@ EXPECTED = {   # model_type -> ModelConfig fields the loader must derive (HF sem
 
 @pytest.mark.parametrize("name", _params())
 def test_config_semantics(name):
-    cfg = config_from_hf(json.loads((LOCAL_FIXTURES / name / "config.json").read_text()))
+    cfg = config_from_hf(json.loads((FIXTURES / name / "config.json").read_text()))
     for k, v in EXPECTED[name].items():
         assert getattr(cfg, k) == v, (name, k, getattr(cfg, k), v)
     assert cfg.extra.get("head_bias", False) == (name in ("gptj", "phi"))
@@ -112,7 +109,7 @@ def test_config_semantics(name):
 def test_neox_fused_qkv_is_interleaved_per_head():
     """query_key_value rows are [q_0 k_0 v_0 q_1 k_1 v_1 ...] in blocks of d_head: a plain
     thirds split (GPT-2's c_attn convention) loads but computes different logits."""
-    d = LOCAL_FIXTURES / "gpt_neox"
+    d = FIXTURES / "gpt_neox"
     if not d.exists():
         pytest.skip("gpt_neox fixture not built")
     config, tensors = read_checkpoint_folder(d)
@@ -138,7 +135,7 @@ def test_neox_fused_qkv_is_interleaved_per_head():
 def test_fused_expert_tensors_load_the_same(name):
     """transformers 5 in-memory names (mlp.gate, mlp.experts.gate_up_proj [E, 2F, D],
     mlp.experts.down_proj [E, D, F]) give the same model as the per-expert checkpoint names."""
-    d = LOCAL_FIXTURES / name
+    d = FIXTURES / name
     if not d.exists():
         pytest.skip(f"{name} fixture not built")
     config, tensors = read_checkpoint_folder(d)
@@ -163,7 +160,7 @@ def test_fused_expert_tensors_load_the_same(name):
 
 
 def test_unknown_tensor_and_unsupported_configs_raise():
-    d = LOCAL_FIXTURES / "qwen2_moe"
+    d = FIXTURES / "qwen2_moe"
     if not d.exists():
         pytest.skip("qwen2_moe fixture not built")
     config, tensors = read_checkpoint_folder(d)
@@ -175,4 +172,4 @@ def test_unknown_tensor_and_unsupported_configs_raise():
     with pytest.raises(ModelFileError):
         model_from_hf(config, missing)
     with pytest.raises(UnsupportedArchitectureError):
-        config_from_hf(dict(json.loads((LOCAL_FIXTURES / "phi" / "config.json").read_text()), qk_layernorm=True))
+        config_from_hf(dict(json.loads((FIXTURES / "phi" / "config.json").read_text()), qk_layernorm=True))

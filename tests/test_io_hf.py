@@ -1,10 +1,10 @@
-"""Loading the shared Hugging Face fixtures and reproducing their true-float64 logits."""
+"""Loading the Hugging Face fixtures (tests/fixtures) and reproducing their true-float64 logits."""
 import numpy as np
 import pytest
 
 import minipatch as mp
 
-from conftest import TOL64_MODEL, rel_err, shared_fixture
+from helpers import TOL64_MODEL, rel_err, fixture
 
 pytestmark = pytest.mark.io
 FAMILIES = {"gemma3_text": "gemma", "llama": "llama", "gpt2": "gpt2"}
@@ -12,7 +12,7 @@ FAMILIES = {"gemma3_text": "gemma", "llama": "llama", "gpt2": "gpt2"}
 
 @pytest.fixture(scope="module", params=list(FAMILIES))
 def loaded(request):
-    path = shared_fixture(request.param)
+    path = fixture(request.param)
     ref = dict(np.load(path / "reference.npz", allow_pickle=False))
     return request.param, mp.load(path, dtype="float64"), ref
 
@@ -53,7 +53,7 @@ def test_theorem_on_checkpoint(loaded, window_by):
 
 def test_float32_load(loaded):
     name, _, ref = loaded
-    m32 = mp.load(shared_fixture(name), dtype="float32")
+    m32 = mp.load(fixture(name), dtype="float32")
     assert m32.dtype == np.float32
     assert rel_err(m32.forward(ref["input_ids"]), ref["logits"]) <= 1e-4
 
@@ -63,7 +63,7 @@ def test_folder_errors(tmp_path):
     import json
     import shutil
 
-    src = shared_fixture("llama")
+    src = fixture("llama")
     bad = tmp_path / "m"
     shutil.copytree(src, bad)
     cfg = json.loads((bad / "config.json").read_text())

@@ -9,14 +9,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from helpers import fixture
 from minipatch.errors import ModelFileError
 from minipatch.io.safetensors import read_checkpoint_folder, read_safetensors
 
 pytestmark = pytest.mark.io
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
-if not SHARED.exists():  # CI layout: shared/ beside the clone
-    SHARED = Path(__file__).resolve().parents[1] / "shared" / "fixtures"
 
 _NAMES = {
     np.dtype("<f8"): "F64", np.dtype("<f4"): "F32", np.dtype("<f2"): "F16",
@@ -146,14 +144,20 @@ def test_empty_file_of_tensors(write):
     assert read_safetensors(write(raw_file(b'{"__metadata__": {"a": "b"}}  '))) == {}
 
 
-def test_shared_llama_fixture():
-    p = SHARED / "llama" / "model.safetensors"
-    if not p.exists():
-        pytest.skip("shared fixtures not available")
+def test_llama_fixture():
+    """The HF llama fixture, against a plain header-then-frombuffer parse written here."""
+    p = fixture("llama/model.safetensors")
     got = read_safetensors(p)
+    raw = p.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header = {k: v for k, v in json.loads(raw[8:8 + n]).items() if k != "__metadata__"}
+    assert set(got) == set(header) and len(got) > 10
+    for name, h in header.items():
+        a, b = h["data_offsets"]
+        want = np.frombuffer(raw[8 + n + a:8 + n + b], "<f8").reshape(h["shape"])
+        np.testing.assert_array_equal(got[name], want)
     w = got["model.layers.0.self_attn.q_proj.weight"]
-    assert w.shape == (64, 64) and w.dtype == np.float64
-    assert all(a.dtype == np.float64 for a in got.values())
+    assert w.shape == (64, 64) and w.dtype == np.float64 and np.abs(w).max() > 0
     cfg, tensors = read_checkpoint_folder(p.parent)
     assert cfg["model_type"] == "llama"
     assert set(tensors) == set(got)

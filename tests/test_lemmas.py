@@ -8,7 +8,7 @@ from minipatch import NotControllableError
 from minipatch.backend import to_numpy
 from minipatch.lemmas import m1, m2, pinv_form
 
-from conftest import TOL64_BLOCK, rel_err
+from helpers import TOL64_BLOCK, rel_err
 
 
 def _draw(seed, T, out, inp, xp=np, dev=None):

@@ -11,7 +11,7 @@ from minipatch.backend import to_numpy
 from minipatch.m6 import trust_region
 from minipatch.patches import Rank1, Scale
 
-from conftest import CONTROL_MIN, TOL32, TOL64_BLOCK, rel_err
+from helpers import CONTROL_MIN, TOL32, TOL64_BLOCK, rel_err
 
 pytestmark = [pytest.mark.m6, pytest.mark.gemma]
 METHODS = ["m6a", "m6b", "m6c", "m6d"]

@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 import minipatch as mp
 from minipatch.backend import to_numpy
 
-from conftest import CONTROL_MIN, TOL32, TOL64_MODEL, rel_err
+from helpers import CONTROL_MIN, TOL32, TOL64_MODEL, rel_err
 
 pytestmark = [pytest.mark.m7, pytest.mark.gemma]
 
@@ -45,7 +45,7 @@ def kappa(res):
 
 @pytest.mark.parametrize("seed", range(4))
 def test_m6a_through_four_layers(seed):
-    """M6a meets the float64 model bar on a 4-layer model (as on the shared HF fixture,
+    """M6a meets the float64 model bar on a 4-layer model (as on the gemma3_text HF fixture,
     1.6e-13), where its largest scale patch kappa stays near 1e3."""
     model = mp.models.tiny_gemma(seed=11, n_layers=4)
     tok = np.random.default_rng(seed).integers(0, 256, 12)

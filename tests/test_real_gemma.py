@@ -1,6 +1,6 @@
 """Real Gemma 3 270M: conformance with Hugging Face and the theorem (MATH.md M6, M7) on real weights.
 
-Reference: /work/shared/fixtures/gemma3-270m (README section 2): per prompt the top-32 logits,
+Reference: tests/fixtures/gemma3-270m (tests/fixtures/HF_FIXTURES.md, section 2): per prompt the top-32 logits,
 logsumexp and 20-token greedy continuation of the stock float32 and a true float64 run of
 transformers. Greedy is checked by teacher forcing on ``seq`` = prompt + greedy_fp64: the
 argmax at positions P-1..P+18 reproduces ``seq`` iff greedy decoding does.
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import minipatch as mp
-from conftest import CONTROL_MIN, TOL32, TOL64_MODEL, rel_err, shared_fixture
+from helpers import CONTROL_MIN, TOL32, TOL64_MODEL, rel_err, fixture
 
 pytestmark = pytest.mark.real
 PROMPTS = (1, 2, 3, 4, 5)
@@ -19,7 +19,7 @@ N_NEW = 20
 
 
 def _ref(k):
-    return dict(np.load(shared_fixture(f"gemma3-270m/prompt_{k}.npz")))
+    return dict(np.load(fixture(f"gemma3-270m/prompt_{k}.npz")))
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +82,7 @@ def test_tokenizer_matches_hf(real_tokenizer):
 
     from minipatch.io.tokenizer import encode
 
-    meta = json.loads(shared_fixture("gemma3-270m/prompts.json").read_text())
+    meta = json.loads(fixture("gemma3-270m/prompts.json").read_text())
     for p in meta["prompts"]:
         np.testing.assert_array_equal(encode(real_tokenizer, p["text"]), _ref(p["prompt_index"])["input_ids"])
 
@@ -140,7 +140,7 @@ def test_experiment_prompts_are_the_fixture_prompts():
 
     from minipatch.experiment import PROMPTS
 
-    meta = json.loads(shared_fixture("gemma3-270m/prompts.json").read_text())
+    meta = json.loads(fixture("gemma3-270m/prompts.json").read_text())
     assert list(PROMPTS) == [p["text"] for p in meta["prompts"]]
 
 

@@ -13,7 +13,7 @@ from minipatch.models import tiny, tiny_gemma
 from minipatch.thought import (RankDeficientWarning, condensation_curve, condense, condensed_model, evaluate,
                                lstsq_patch, thought_matrix, thought_vector)
 
-from conftest import CONTROL_MIN, TOL64_BLOCK, TOL64_MODEL, rel_err
+from helpers import CONTROL_MIN, TOL64_BLOCK, TOL64_MODEL, rel_err
 
 pytestmark = pytest.mark.thought
 rng = np.random.default_rng

@@ -1,71 +1,72 @@
-"""Build the read-along notebooks from their paired sources and execute them.
+"""Build the read-along notebooks: execute each paired source and write its ``.ipynb``.
 
-    python tools/build_notebooks.py            # every notebooks/NN_*.py -> .ipynb, executed
-    python tools/build_notebooks.py 03         # only notebooks whose name starts with 03
+    python tools/build_notebooks.py            # every notebooks/NN_*.py -> NN_*.ipynb, executed
+    python tools/build_notebooks.py 03         # only the notebooks whose name starts with 03
 
-Each ``notebooks/NN_name.py`` is in the "percent" format: ``# %%`` starts a code cell,
-``# %% [markdown]`` a markdown cell whose lines are ``# ``-prefixed. The executed
-``.ipynb`` (with outputs) is written beside it; figures go to ``figures/``. Notebooks run
-with ``notebooks/`` as working
-directory, so they write figures to ``../figures``.
+Each ``notebooks/NN_name.py`` is the jupytext "percent" source of ``NN_name.ipynb`` (the pair is
+declared in the header of the ``.py``). The source is read with jupytext, executed with nbclient
+(working directory ``notebooks/``), and written with its outputs, figures inline, to the
+``.ipynb``. The build sets ``MINIPATCH_FIGURES`` to the committed ``figures/`` folder; a
+notebook run by hand writes its figures to the ignored ``output/figures/`` instead.
+
+``tests/test_notebooks.py`` re-executes every source and fails when a committed text output
+differs from the fresh one (cells tagged ``volatile``, e.g. timings, excepted).
 """
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 NB = ROOT / "notebooks"
+KERNEL = {"name": "python3", "display_name": "Python 3", "language": "python"}
 
 
-def parse(text):
-    """Cells of a percent-format source: list of (kind, source)."""
-    cells, kind, buf = [], None, []
-
-    def flush():
-        if kind is not None:
-            src = "\n".join(buf).strip("\n")
-            if src:
-                cells.append((kind, src))
-
-    for line in text.splitlines():
-        if line.startswith("# %%"):
-            flush()
-            kind, buf = ("markdown" if "[markdown]" in line else "code"), []
-            continue
-        if kind is None:   # header before the first cell marker (e.g. a docstring): skip
-            continue
-        if kind == "markdown":
-            line = line[2:] if line.startswith("# ") else ("" if line == "#" else line)
-        buf.append(line)
-    flush()
-    return cells
+def sources(prefix=""):
+    """The notebook sources notebooks/NN_*.py (optionally only those starting with ``prefix``)."""
+    return [p for p in sorted(NB.glob(f"{prefix}*.py")) if p.name[:2].isdigit()]
 
 
-def build(src, execute=True, timeout=900):
-    import nbformat
-    from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
+def read(src):
+    """The notebook of a percent-format source (jupytext), with a kernelspec, without outputs."""
+    import jupytext
 
-    cells = [new_markdown_cell(s) if k == "markdown" else new_code_cell(s) for k, s in parse(src.read_text())]
-    nb = new_notebook(cells=cells, metadata={"kernelspec": {"name": "python3", "display_name": "Python 3",
-                                                            "language": "python"}})
-    if execute:
-        from nbclient import NotebookClient
+    nb = jupytext.read(src, fmt="py:percent")
+    nb.metadata["kernelspec"] = dict(KERNEL)
+    for i, cell in enumerate(nb.cells):      # stable ids: a rebuild changes only what the code prints
+        cell.id = f"cell-{i}"
+    return nb
 
-        NotebookClient(nb, timeout=timeout, kernel_name="python3",
-                       resources={"metadata": {"path": str(NB)}}).execute()
+
+def execute(nb, workdir, timeout=900):
+    """Run every cell of ``nb`` in place with ``workdir`` as the kernel's working directory."""
+    from nbclient import NotebookClient
+
+    NotebookClient(nb, timeout=timeout, kernel_name=KERNEL["name"], record_timing=False,
+                   resources={"metadata": {"path": str(workdir)}}).execute()
+    return nb
+
+
+def build(src, figures=ROOT / "figures"):
+    """Execute ``src`` and write the paired ``.ipynb`` beside it; figures go to ``figures``."""
+    import jupytext
+
+    os.environ["MINIPATCH_FIGURES"] = str(figures)
+    os.environ.pop("MPLBACKEND", None)          # the kernel's inline backend shows the figures
+    nb = execute(read(src), NB)
     out = src.with_suffix(".ipynb")
-    nbformat.write(nb, out)
+    jupytext.write(nb, out, fmt="ipynb")
     return out
 
 
 def main(argv):
     prefix = argv[1] if len(argv) > 1 else ""
-    for src in sorted(NB.glob(f"{prefix}*.py")):
-        if src.name[:2].isdigit():
-            print("building", src.name, flush=True)
-            build(src)
+    for src in sources(prefix):
+        print("building", src.name, flush=True)
+        build(src)
+    return 0
 
 
 if __name__ == "__main__":
-    main(sys.argv)
+    sys.exit(main(sys.argv))

@@ -2,22 +2,23 @@
 
 Run with the reference venv (torch 2.13.0+cpu, transformers 5.23.0):
 
-    /work/venv-ref/bin/python tools/make_audit_reference.py [--out tests/fixtures/audit] [name ...]
+    /work/venv-ref/bin/python tools/make_audit_reference.py [name ...]
 
-For each tiny fixture model (default: ``gemma3_text`` and ``llama`` from shared/fixtures/) it loads the
+For each tiny fixture model (default: ``gemma3_text`` and ``llama`` in tests/fixtures/) it loads the
 checkpoint with the stock ``from_pretrained(folder, dtype=torch.float64, attn_implementation="eager")``,
 with NO runtime patches, runs ``model(ids, attention_mask=ones, use_cache=False,
-output_hidden_states=True)`` on the fixture's ``input_ids`` and writes ``<name>_stock_fp64.npz`` with
+output_hidden_states=True)`` on the fixture's ``input_ids`` and writes
+``tests/fixtures/<name>/reference_stock_fp64.npz`` (next to its model) with
 ``input_ids`` [T], ``logits`` [T, V], ``hidden_states`` [L+1, T, D] (HF layout) and
 ``context_positions`` (1..15). Stock transformers still rounds RMSNorm, RoPE and the eager softmax to
-float32 in a float64 model (shared/fixtures/README.md section 3), so these references differ from a true
+float32 in a float64 model (tests/fixtures/HF_FIXTURES.md section 3), so these references differ from a true
 float64 forward by about 1e-7 relative: ``python -m minipatch audit`` must flag them at rtol 1e-9 and
 accept them at rtol 1e-5.
 
 The float32 parts of the stock forward depend on the CPU kernels torch picks (AVX2 vs AVX-512 float32
 exp/rsqrt/reductions differ in the last bits: about 1e-6 in the logits), while a true float64 forward does
 not. So the script pins ``ATEN_CPU_CAPABILITY=avx2`` (override it in the environment) unless it is already
-set: with it, the stored logits equal the ``logits_stock`` of shared/fixtures bit for bit, and a rebuild
+set: with it, the stored logits equal the fixture's ``logits_stock`` bit for bit, and a rebuild
 gives byte-identical files.
 """
 from __future__ import annotations
@@ -39,16 +40,15 @@ torch.set_num_threads(1)
 torch.use_deterministic_algorithms(True)
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared" / "fixtures"
 DEFAULT = ("gemma3_text", "llama")
 
 
 def source_folder(name):
-    """The fixture folder for ``name``: shared/fixtures/<name>, else tests/fixtures/<name>."""
-    for base in (SHARED, ROOT / "tests" / "fixtures"):
-        if (base / name / "model.safetensors").exists():
-            return base / name
-    raise SystemExit(f"no fixture folder for {name!r} in {SHARED} or tests/fixtures")
+    """The fixture folder tests/fixtures/<name>."""
+    folder = ROOT / "tests" / "fixtures" / name
+    if not (folder / "model.safetensors").exists():
+        raise SystemExit(f"no fixture folder {folder}")
+    return folder
 
 
 def stock_fp64(folder):
@@ -87,15 +87,13 @@ def save_npz(path, arrays):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("names", nargs="*", default=list(DEFAULT))
-    p.add_argument("--out", default=str(ROOT / "tests" / "fixtures" / "audit"))
     args = p.parse_args(argv)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     print(f"transformers {transformers.__version__}, torch {torch.__version__}, numpy {np.__version__}, "
           f"CPU capability {torch.backends.cpu.get_cpu_capability()}")
     for name in args.names:
-        arrays, s = stock_fp64(source_folder(name))
-        path = out / f"{name}_stock_fp64.npz"
+        folder = source_folder(name)
+        arrays, s = stock_fp64(folder)
+        path = folder / "reference_stock_fp64.npz"
         save_npz(path, arrays)
         print(f"{path} ({path.stat().st_size} bytes): {s['class']}, logits {s['logits_dtype']}, "
               f"identical to fixture logits_stock: {s['same_as_fixture_logits_stock']}")

@@ -5,8 +5,8 @@ Run with the reference venv (torch 2.13.0+cpu, transformers 5.23.0, numpy 2.4.6)
     /work/venv-ref/bin/python tools/make_fixtures.py [--out tests/fixtures] [family ...]
 
 For each family it writes tests/fixtures/<name>/{config.json, model.safetensors, reference.npz, meta.json}.
-The procedure is the one of shared/fixtures/README.md (perturbation rule, input ids, kept-only runs,
-true float64 by runtime patches, dtype census); see tests/fixtures/README.md for the results.
+The procedure is the one of tests/fixtures/HF_FIXTURES.md (perturbation rule, input ids, kept-only runs,
+true float64 by runtime patches, dtype census); see tests/fixtures/MORE_FAMILIES.md for the results.
 The build is deterministic.
 """
 
@@ -259,7 +259,7 @@ NORM_GAIN_MINUS_1 = ("Gemma2RMSNorm",)
 
 
 def perturb(model, seed, tied):
-    """Overwrite every parameter with fresh N(0,1) draws (shared/fixtures/README.md rule)."""
+    """Overwrite every parameter with fresh N(0,1) draws (tests/fixtures/HF_FIXTURES.md rule)."""
     g = torch.Generator().manual_seed(seed)
     owners = {}
     for mname, mod in model.named_modules():

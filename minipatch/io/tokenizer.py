@@ -21,7 +21,7 @@ import numpy as np
 
 from minipatch.errors import ModelFileError
 
-_INSTALL = 'pip install "minipatch[gguf]"'
+_INSTALL = 'pip install -e ".[gguf]" (in a clone of minipatch)'
 _NORMAL, _CONTROL, _USER_DEFINED = 1, 3, 4
 # llama.cpp pre-tokenizer name -> split digits one by one before the byte-level split.
 _BYTE_LEVEL_PRE = {None: False, "default": False, "gpt2": False, "smollm": True}

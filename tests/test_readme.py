@@ -1,0 +1,126 @@
+"""The README prints what the code prints.
+
+Convention: a README block whose output carries numbers is re-run here and compared, every
+number within one significant digit (``helpers.number_agrees``):
+
+- the twelve-line example: each ``print(...)  # <number>: ...`` line against what it prints;
+- the excerpt of the main job's table: each row against ``python -m minipatch --quick``, and
+  the counts of its closing line;
+- the three ``audit`` commands: their exit status and the errors the text quotes;
+- the two commands of "Two commands" are those `.ci/run` runs (checked there).
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import re
+import shlex
+
+import pytest
+
+from helpers import NUMBER, ROOT, number_agrees
+from minipatch.__main__ import main
+
+README = (ROOT / "README.md").read_text(encoding="utf-8")
+
+
+def block_after(marker, lang):
+    """The first ```lang code block after the line containing ``marker``."""
+    start = README.index(marker)
+    m = re.compile(rf"^```{lang}\n(.*?)^```$", re.S | re.M).search(README, start)
+    assert m, f"no ```{lang} block after {marker!r}"
+    return m.group(1)
+
+
+def test_twelve_line_example_prints_what_it_says():
+    code = block_after("## The idea in twelve lines", "python")
+    claims = [float(NUMBER.search(line.split("#", 1)[1]).group()) for line in code.splitlines()
+              if line.startswith("print(") and "#" in line]
+    assert len(claims) == 2
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        exec(compile(code, "README.md", "exec"), {})
+    printed = [float(line) for line in out.getvalue().split()]
+    assert len(printed) == len(claims)
+    for claim, got in zip(claims, printed):
+        assert number_agrees(f"{claim:.1e}", f"{got:.1e}"), f"README says {claim}, the code prints {got}"
+    assert printed[1] > 1e3 * printed[0]        # the claim that matters: patched exact, unpatched not
+
+
+COLS = (slice(0, 30), slice(31, 49), slice(50, 62), slice(63, 71))   # check, model, method, dtype
+
+
+def _rows(text):
+    rows = {}
+    for line in text.splitlines():
+        m = re.search(r"(pass|FAIL|info)(?: \(bar|\s*$)", line)
+        if not m or line.startswith("check"):
+            continue
+        key = tuple(line[c].strip() for c in COLS)
+        nums = line[71:].split()
+        rows[key] = (nums[0], nums[1], nums[2], m.group(1))     # rel err, no patch, rank, verdict
+    return rows
+
+
+@pytest.fixture(scope="module")
+def main_quick(tmp_path_factory):
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        rc = main(["--quick", "--figures", str(tmp_path_factory.mktemp("fig"))])
+    return rc, out.getvalue()
+
+
+def test_main_job_table_excerpt(main_quick):
+    rc, out = main_quick
+    assert rc == 0
+    quoted, fresh = _rows(block_after("An excerpt of its table", "text")), _rows(out)
+    assert len(quoted) >= 10
+    for key, (err, ctrl, rank, verdict) in quoted.items():
+        assert key in fresh, f"README row {key} is not in the main job's table"
+        f_err, f_ctrl, f_rank, f_verdict = fresh[key]
+        assert (verdict, rank) == (f_verdict, f_rank), (key, verdict, f_verdict)
+        assert number_agrees(err, f_err) and number_agrees(ctrl, f_ctrl), (key, err, f_err, ctrl, f_ctrl)
+
+
+def test_main_job_closing_line(main_quick):
+    _, out = main_quick
+    last = out.rstrip().splitlines()[-1]
+    quoted = re.search(r"`(\d+) passed, (\d+) failed, (\d+) info …`", README)
+    assert quoted and last.startswith(f"{quoted[1]} passed, {quoted[2]} failed, {quoted[3]} info"), last
+
+
+AUDIT = [shlex.split(line.strip()) for line in README.splitlines()
+         if line.strip().startswith("python -m minipatch audit")]
+
+
+def _audit(capsys, argv):
+    rc = main(argv[3:])
+    out = capsys.readouterr().out
+    return rc, out
+
+
+def test_audit_examples_run_from_the_repository(capsys, monkeypatch):
+    """The three README audit commands, from the repository root: what the text says."""
+    monkeypatch.chdir(ROOT)
+    assert len(AUDIT) == 3 and all("../" not in " ".join(a) for a in AUDIT)
+    true_fp64, stock_json, stock_loose = AUDIT
+    rc, out = _audit(capsys, true_fp64)
+    assert rc == 0 and out.rstrip().endswith("OK")
+    rc, out = _audit(capsys, stock_json)
+    r = json.loads(out)
+    assert rc == 1 and r["ok"] is False and r["first_divergent_layer"] == 1
+    said = re.search(r"It is flagged: logits ([0-9.e+-]+) relative and first divergent\s+layer 1", README)
+    assert said and number_agrees(said[1], f"{r['logits_max_rel_err']:.1e}"), (said, r["logits_max_rel_err"])
+    rc, out = _audit(capsys, stock_loose)
+    assert rc == 0
+
+
+def test_audit_llama_stock_claim(capsys, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    argv = ["audit", "tests/fixtures/llama", "--reference", "tests/fixtures/llama/reference_stock_fp64.npz", "--json"]
+    rc = main(argv)
+    r = json.loads(capsys.readouterr().out)
+    said = re.search(r"Llama behaves the same \(([0-9.e+-]+), layer 1\)", README)
+    assert rc == 1 and r["first_divergent_layer"] == 1
+    assert said and number_agrees(said[1], f"{r['logits_max_rel_err']:.1e}")
