@@ -240,6 +240,14 @@ def _common(r):
                 tie_embeddings=r.flag("tie_word_embeddings"))
 
 
+def _even_head(r, H):
+    """Full-width RoPE rotates pairs: head_dim must be even."""
+    if H % 2:
+        v, d = r.get("head_dim", None)
+        r.fail("head_dim" if v is not None else "num_attention_heads", v if v is not None else r.get(
+            "num_attention_heads")[0], f"gives head dimension {H}; RoPE needs an even one", d)
+
+
 def _rope_type(r, key, params):
     kind = params.get("rope_type", params.get("type", "default"))
     if not isinstance(kind, str):
@@ -350,6 +358,7 @@ def _gemma(r, family):
     """Gemma 2 / 3: Gemma RMSNorm ``x̂·(1+w)``, GeGLU, sqrt(D) embedding scale, tied head by
     default, scores scaled by ``query_pre_attn_scalar ** -0.5`` (default 256)."""
     k = _common(r)
+    _even_head(r, k["d_head"])
     n = k["n_layers"]
     lt = _layer_types_list(r, n)
     if lt is None:
@@ -392,6 +401,7 @@ def _llama_like(r, family="llama", *, attn_bias, o_bias, mlp_bias=False, qk_norm
     ``use_sliding_window``; Qwen2-MoE on even ``i < max_window_layers`` when
     ``use_sliding_window`` (each model's HF ``__post_init__``)."""
     k = _common(r)
+    _even_head(r, k["d_head"])
     n = k["n_layers"]
     mt = r.model_type
     w = _window(r)
@@ -614,5 +624,9 @@ def check_tensor_index(cfg, table, index, ignored, expected, source=None):
             continue             # e.g. lm_head of a tied model, biases the family lacks: refused later
         exp = expected[key][1:] if "{e}" in (target if isinstance(target, str) else target[0]) else expected[key]
         if tuple(exp) != want_shape:
-            shown = tuple(shape) if isinstance(target, str) else tuple(reversed(exp))
-            raise ModelFileError(f"{where}tensor {name!r} has shape {tuple(shape)}; the config implies {shown}")
+            shown = tuple(exp) if isinstance(target, str) else tuple(reversed(exp))
+            raise ModelFileError(
+                f"{where}tensor {name!r} has shape {tuple(shape)}; the config implies {shown} (vocab "
+                f"{cfg.vocab_size}, hidden {cfg.d_model}, {cfg.n_heads} heads / {cfg.n_kv_heads} kv heads of "
+                f"{cfg.d_head}, intermediate {cfg.d_ff}" + (f", {cfg.n_experts} experts" if cfg.n_experts else "")
+                + ")")

@@ -144,9 +144,21 @@ def check_checkpoint(config, index, source=None):
     mt = config.get("model_type") if isinstance(config, dict) else None
     found = layer_indices(index, _layer_table_keys(mt)) if isinstance(mt, str) and mt in TABLES else None
     cfg = model_config(config, source, layers_found=found)
-    check_tensor_index(cfg, _table(config, cfg), index, [_re.compile(p) for p in IGNORED],
-                       expected_shapes(cfg), source)
+    try:
+        check_tensor_index(cfg, _table(config, cfg), index, [_re.compile(p) for p in IGNORED],
+                           expected_shapes(cfg), source)
+    except ModelFileError as e:
+        omitted = [k for k in _SHAPE_KEYS if k in HF_DEFAULTS[mt] and k not in config]
+        if omitted and "has shape" in str(e):
+            raise ModelFileError(f"{e}; config.json omits {', '.join(omitted)}, so the Hugging Face "
+                                 f"defaults for {mt!r} were used") from None
+        raise
     return cfg
+
+
+_SHAPE_KEYS = ("vocab_size", "hidden_size", "n_embd", "intermediate_size", "n_inner", "num_attention_heads",
+               "n_head", "num_key_value_heads", "head_dim", "moe_intermediate_size",
+               "shared_expert_intermediate_size", "num_local_experts", "num_experts", "n_positions")
 
 
 def _index_of(tensors, source):
@@ -162,19 +174,22 @@ def _index_of(tensors, source):
     return out
 
 
-def _check_finite(name, a, source, after=None):
-    """ModelFileError naming the tensor, the count and the first index of non-finite values."""
-    if a.dtype.kind != "f" or np.isfinite(a).all():
+def _check_finite(name, a, source, target):
+    """ModelFileError naming the tensor if it holds NaN/inf, or values beyond ``target``'s range
+    (a float64 checkpoint with |w| > 3.4e38 would turn into inf in float32)."""
+    if a.dtype.kind != "f":
         return
-    bad = ~np.isfinite(a)
-    first = tuple(int(i) for i in np.argwhere(bad)[0])
     where = f"{source}: " if source else ""
-    what = f"{int(bad.sum())} non-finite value(s), first {a[first]!r} at index {first}"
-    if after is not None:
-        raise ModelFileError(f"{where}tensor {name!r} overflows {after}: {what} after the conversion "
-                             f"(max |value| {float(np.max(np.abs(a[~bad]))) if (~bad).any() else 0:.3g} kept); "
-                             "load with dtype='float64'")
-    raise ModelFileError(f"{where}tensor {name!r} holds {what}")
+    finite = np.isfinite(a)
+    if not finite.all():
+        first = tuple(int(i) for i in np.argwhere(~finite)[0])
+        raise ModelFileError(f"{where}tensor {name!r} holds {int(a.size - np.count_nonzero(finite))} non-finite "
+                             f"value(s), first {float(a[first])!r} at index {first}")
+    big = float(np.finfo(target).max)
+    if a.dtype.itemsize > target.itemsize and a.size and float(np.max(np.abs(a))) > big:
+        first = tuple(int(i) for i in np.argwhere(np.abs(a) > big)[0])
+        raise ModelFileError(f"{where}tensor {name!r} holds {float(a[first])!r} at index {first}, beyond the "
+                             f"{target.name} range (max {big:.3g}): it would become inf; load with dtype='float64'")
 
 
 def model_from_hf(config, tensors, dtype="float64", *, source=None):
@@ -194,17 +209,11 @@ def model_from_hf(config, tensors, dtype="float64", *, source=None):
     ignored = [re.compile(p) for p in IGNORED]
     used = {k: v for k, v in tensors.items() if not any(r.match(k) for r in ignored)}
     for name, a in used.items():
-        _check_finite(name, a, source)
+        _check_finite(name, a, source, target)
     top, layers = map_tensors(used, _table(config, cfg), cfg.n_layers)
     if cfg.tie_embeddings:
         top.pop("lm_head.weight", None)
     params = to(dict(top, layers=layers), dtype=target)
-    if target.itemsize < 8:
-        flat = list(params.items()) + [(f"layers.{i}.{k}", v) for i, lp in enumerate(params["layers"])
-                                       for k, v in lp.items()]
-        for name, a in flat:
-            if name != "layers":
-                _check_finite(name, a, source, after=target.name)
     try:
         return Model(cfg, params)
     except ShapeError as e:
