@@ -251,12 +251,15 @@ def _check_type(gguf, t, path):
 
 
 def _check_layout(gguf, reader, path):
-    """The tensors' data ranges tile the data section in order, each at the next aligned offset:
+    """Every tensor's stored type is plausible (:func:`_check_type`), and the tensors' data
+    ranges tile the data section in order, each at the next aligned offset:
     no overlap (two tensors sharing bytes), no hole of ``alignment`` bytes or more, no trailing
     data (as llama.cpp and gguf-py write them)."""
     align = int(reader.alignment)
     if align <= 0:
         raise ModelFileError(f"{path}: general.alignment {align} must be positive")
+    for t in reader.tensors:        # first, so that a retyped tensor is named (not its neighbour)
+        _check_type(gguf, t, path)
     start, end = int(reader.data_offset), int(reader.data.size)
     pos, prev = start, None
     for t in sorted(reader.tensors, key=lambda t: (int(t.data_offset), int(t.n_bytes))):
@@ -315,7 +318,6 @@ def read_gguf(path, dtype=np.float64) -> tuple[dict, dict[str, np.ndarray], dict
         got = tuple(reversed([int(n) for n in t.shape]))
         if got != shape:
             raise ModelFileError(f"{path}: tensor {name} has shape {got}, config implies {shape}")
-        _check_type(gguf, t, path)
         try:
             if t.tensor_type == gguf.GGMLQuantizationType.F64:
                 w = np.asarray(t.data).reshape(shape)  # not handled by dequantize
