@@ -148,7 +148,9 @@ class HFConfig:
             return default, True
         self.fail(key, None, "is missing and has no Hugging Face default")
 
-    def fail(self, key, value, reason, defaulted=False):
+    def fail(self, key, value, reason, defaulted=None):
+        if defaulted is None:
+            defaulted = key not in self.c and key in self.defaults
         if defaulted:
             reason += " (the Hugging Face default: config.json does not set it)"
         raise ConfigError(key, value, reason, source=self.source)
