@@ -81,6 +81,21 @@ def _open(path):
                 raise ModelFileError(f"read past the end of the file at byte {offset}")
             return arr
 
+        # One field at a time, so that a tensor whose data lies outside the file is named.
+        def _build_tensors(self, start_offs, fields):
+            out, seen = [], set()
+            for field in fields:
+                name = bytes(field.parts[1]).decode("utf-8", "replace")
+                if name in seen:
+                    raise ValueError(f"Found duplicated tensor with name {name}")
+                seen.add(name)
+                try:
+                    super()._build_tensors(start_offs, [field])
+                except ModelFileError as e:
+                    raise ModelFileError(f"tensor {name}: its data {e}") from None
+                out += self.tensors
+            self.tensors = out
+
     path = Path(path)
     try:
         f = open_regular(path, "GGUF file")
