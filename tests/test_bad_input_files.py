@@ -91,6 +91,7 @@ CONFIG_CASES = {
                                     "rope_parameters.full_attention"),
     "rope_type not a string": ("mistral", put("rope_parameters.rope_type", 3), "rope_parameters.rope_type"),
     "layer_types unknown entry": ("gemma2", put("layer_types", ["sliding_attention", "chunky"]), "layer_types[1]"),
+    "layer_types entry a list": ("qwen3", put("layer_types", [[], "full_attention"]), "layer_types[0]"),
     "layer_types wrong length": ("gemma2", put("layer_types", ["full_attention"]), "layer_types"),
     "layer_types not a list": ("gemma2", put("layer_types", "full_attention"), "layer_types"),
     "partial_rotary_factor zero": ("gpt_neox", put("rope_parameters.partial_rotary_factor", 0.0),

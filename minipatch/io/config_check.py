@@ -328,7 +328,7 @@ def _layer_types_list(r, n):
     if len(lt) != n:
         r.fail("layer_types", f"<{len(lt)} entries>", f"needs one entry per layer ({n})")
     for i, t in enumerate(lt):
-        if t not in LAYER_TYPES:
+        if not isinstance(t, str) or t not in LAYER_TYPES:
             r.fail(f"layer_types[{i}]", t, f"must be one of {sorted(LAYER_TYPES)}")
     return tuple(LAYER_TYPES[t] for t in lt)
 
