@@ -107,7 +107,7 @@ def apply(config, edits):
             holder = c.get(outer)
             if isinstance(holder, dict):
                 holder.pop(inner, None) if value == "delete" else holder.__setitem__(inner, value)
-            elif isinstance(holder, list) and holder and value != "delete":
+            elif isinstance(holder, list) and holder and inner.isdigit() and value != "delete":
                 holder[int(inner)] = value
         elif value == "delete":
             c.pop(key, None)
