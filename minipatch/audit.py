@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 import zipfile
 from pathlib import Path
@@ -38,17 +39,37 @@ def _rel(a, b):
     return diff / scale if scale > 0 else (0.0 if diff == 0 else float("inf"))
 
 
-def _read_member(zf, info, disk_size):
-    """One ``.npy`` member as a plain array; the header is checked before any data is read."""
+USED = ("input_ids", "logits", "hidden_states", "context_positions")
+"""The members the audit reads; any other member's header is checked, its data never inflated."""
+
+
+def _physical_memory():
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):   # pragma: no cover - non-POSIX
+        return None
+
+
+def _read_npy_header(f, name):
+    version = np.lib.format.read_magic(f)
+    if version not in ((1, 0), (2, 0)):
+        raise ModelFileError(f"member {name!r}: unsupported .npy version {version}")
+    read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                   else np.lib.format.read_array_header_2_0)
+    return read_header(f)
+
+
+def _member_header(zf, info, disk_size):
+    """(shape, fortran, dtype) of one ``.npy`` member, from its header alone.
+
+    The zip entry's sizes must be possible (deflate expands at most DEFLATE_MAX_RATIO times) and
+    its uncompressed size must be exactly the header plus what the declared shape and dtype
+    imply -- checked before any data is inflated.
+    """
     if info.compress_size > disk_size or info.file_size > DEFLATE_MAX_RATIO * info.compress_size + 1024:
         raise ModelFileError(f"member {info.filename!r} claims {info.file_size} bytes: inconsistent zip")
     with zf.open(info) as f:
-        version = np.lib.format.read_magic(f)
-        if version not in ((1, 0), (2, 0)):
-            raise ModelFileError(f"member {info.filename!r}: unsupported .npy version {version}")
-        read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
-                       else np.lib.format.read_array_header_2_0)
-        shape, fortran, dtype = read_header(f)
+        shape, fortran, dtype = _read_npy_header(f, info.filename)
         if dtype.hasobject:
             raise ModelFileError(f"member {info.filename!r} is an object array (pickled Python objects); "
                                  "refused, never unpickled: save plain numeric arrays")
@@ -56,30 +77,79 @@ def _read_member(zf, info, disk_size):
         if f.tell() + nbytes != info.file_size:
             raise ModelFileError(f"member {info.filename!r}: header says {shape} {dtype} ({nbytes} bytes), "
                                  f"the member holds {info.file_size - f.tell()}")
-        data = f.read(nbytes) + f.read()   # the second read reaches EOF, so zipfile checks the CRC
-    if len(data) != nbytes:
-        raise ModelFileError(f"member {info.filename!r} is truncated")
-    return np.frombuffer(data, dtype=dtype).reshape(shape, order="F" if fortran else "C").copy()
+    return shape, fortran, dtype
 
 
-def _read_npz(path):
-    """Every member of an .npz as a plain array, without ``np.load`` and never unpickling."""
-    if not path.is_file():
-        raise ModelFileError(f"{path}: reference file not found")
-    disk_size = path.stat().st_size
+def _member_data(zf, info, header):
+    """The member's array; its size was bounded by :func:`_member_header`."""
+    shape, fortran, dtype = header
+    nbytes = math.prod(shape) * dtype.itemsize
     try:
-        with zipfile.ZipFile(path) as zf:
-            ref = {}
+        with zf.open(info) as f:
+            _read_npy_header(f, info.filename)
+            data = f.read(nbytes) + f.read()   # the second read reaches EOF, so zipfile checks the CRC
+        if len(data) != nbytes:
+            raise ModelFileError(f"member {info.filename!r} is truncated")
+        return np.frombuffer(data, dtype=dtype).reshape(shape, order="F" if fortran else "C").copy()
+    except MemoryError:
+        raise ModelFileError(f"member {info.filename!r} of shape {shape} {dtype} needs {2 * nbytes} bytes "
+                             "to read: out of memory") from None
+
+
+def _bound(path, headers, expect):
+    """Refuse, before inflating anything, members whose declared shapes cannot fit the reference
+    ([T], [T, V], [L+1, T, D], [C <= T]) or the model (``expect``: vocab_size, n_layers, d_model),
+    or whose total exceeds the physical memory."""
+    def shape(k):
+        return headers[k][0] if k in headers else None
+
+    ids, lg, hs, cp = shape("input_ids"), shape("logits"), shape("hidden_states"), shape("context_positions")
+    T = ids[0] if ids is not None and len(ids) == 1 else None
+    if T is not None and lg is not None and len(lg) == 2 and lg[0] != T:
+        raise ModelFileError(f"{path}: input_ids {ids} and logits {lg} do not fit [T], [T, V]")
+    if lg is not None and len(lg) == 2 and expect.get("vocab_size") not in (None, lg[1]):
+        raise ModelFileError(f"{path}: reference has {lg[1]} logits per token, the model {expect['vocab_size']}")
+    if T is not None and hs is not None and len(hs) == 3:
+        if hs[1] != T:
+            raise ModelFileError(f"{path}: hidden_states {hs} is not [L+1, T, D] with T = {T}")
+        L, D = expect.get("n_layers"), expect.get("d_model")
+        if L is not None and (hs[0] != L + 1 or hs[2] != D):
+            raise ModelFileError(f"reference hidden_states {hs} do not fit the model: [L+1, T, D] = "
+                                 f"[{L + 1}, {T}, {D}]")
+    if T is not None and cp is not None and len(cp) == 1 and cp[0] > T:
+        raise ModelFileError(f"{path}: context_positions has {cp[0]} entries for {T} tokens")
+    total = sum(math.prod(sh) * dt.itemsize for sh, _, dt in headers.values())
+    mem = _physical_memory()
+    if mem is not None and 2 * total > mem:
+        raise ModelFileError(f"{path}: the reference's arrays declare {total} bytes; with this machine's "
+                             f"{mem} bytes of memory they cannot be read")
+
+
+def _read_npz(path, expect=None):
+    """The used members of an .npz as plain arrays, without ``np.load`` and never unpickling."""
+    from .io.files import open_regular
+
+    try:
+        f = open_regular(path, "reference file")
+    except FileNotFoundError:
+        raise ModelFileError(f"{path}: reference file not found") from None
+    try:
+        with f, zipfile.ZipFile(f) as zf:
+            disk_size = os.fstat(f.fileno()).st_size
+            headers, infos = {}, {}
             for info in zf.infolist():
-                if not info.filename.endswith(".npy") or info.filename[:-4] in ref:
+                name = info.filename[:-4]
+                if not info.filename.endswith(".npy") or name in headers:
                     raise ModelFileError(f"member {info.filename!r} is not a (unique) .npy array")
-                ref[info.filename[:-4]] = _read_member(zf, info, disk_size)
+                headers[name], infos[name] = _member_header(zf, info, disk_size), info
+            used = {k: h for k, h in headers.items() if k in USED}
+            _bound(path, used, expect or {})
+            return {k: _member_data(zf, infos[k], h) for k, h in used.items()}
     except ModelFileError as e:
-        raise ModelFileError(f"{path}: {e}") from None
+        raise ModelFileError(e.args[0] if str(e).startswith(str(path)) else f"{path}: {e}") from None
     except Exception as e:   # any parse failure of a damaged file (BadZipFile, zlib.error, ...)
         raise ModelFileError(f"{path}: not a readable .npz of plain arrays "
                              f"({type(e).__name__}: {e})") from None
-    return ref
 
 
 def _check(path, name, a, ndim, kinds):
@@ -92,15 +162,19 @@ def _check(path, name, a, ndim, kinds):
         raise ModelFileError(f"{path}: {name} holds non-finite values")
 
 
-def read_reference(path):
+def read_reference(path, vocab_size=None, n_layers=None, d_model=None):
     """The reference arrays of ``path`` (.npz), validated; read without unpickling anything.
 
     Returns a dict with ``input_ids`` [T] (integer), ``logits`` [T, V] (finite, not all zero)
     and, if present, ``hidden_states`` [L+1, T, D] and ``context_positions`` [C] (distinct,
-    in [0, T)), plus any extra keys as stored. Raises ``ModelFileError`` naming the problem.
+    in [0, T)). Other members (e.g. a fixture's ``logits_stock``) must be plain arrays whose
+    size matches their header, but are never inflated. Every member is bounded by what its
+    header declares, and the declared shapes must fit one another (and ``vocab_size``,
+    ``n_layers``, ``d_model`` of the model, if given) before any data is inflated. Raises
+    ``ModelFileError`` naming the problem (also for a reference too large to allocate).
     """
     path = Path(path)
-    ref = _read_npz(path)
+    ref = _read_npz(path, dict(vocab_size=vocab_size, n_layers=n_layers, d_model=d_model))
     for k in ("input_ids", "logits"):
         if k not in ref:
             raise ModelFileError(f"{path}: missing key {k!r} (keys: {sorted(ref)})")
@@ -136,8 +210,8 @@ def audit(path, reference, rtol=1e-9, dtype="float64", method="auto", window_by=
     from .absorb import absorb, patched_forward
     from .backend import to_numpy
 
-    ref = read_reference(reference)
-    model = load(path, dtype=dtype)
+    model = load(path, dtype=dtype)   # first: the reference's shapes are bounded by the model's
+    ref = read_reference(reference, model.cfg.vocab_size, model.cfg.n_layers, model.cfg.d_model)
     ids = ref["input_ids"].astype(np.int64)
     if ref["logits"].shape[1] != model.cfg.vocab_size:
         raise ModelFileError(f"reference has {ref['logits'].shape[1]} logits per token, the model "
@@ -215,8 +289,12 @@ def add_parser(sub):
 def run(args):
     """Run the ``audit`` subcommand: exit status 0 if ok, 1 if not ok, 2 on a bad model or reference."""
     try:
-        r = audit(Path(args.path), Path(args.reference), args.rtol, args.dtype, args.method, args.window_by)
-    except (MinipatchError, OSError, ValueError) as e:
+        try:
+            r = audit(Path(args.path), Path(args.reference), args.rtol, args.dtype, args.method, args.window_by)
+        except MemoryError:
+            raise ModelFileError(f"{args.reference}: the audit of this reference needs more memory than this "
+                                 "machine has; use a shorter reference") from None
+    except (MinipatchError, OSError, ValueError) as e:   # bad input: exit 2, never the "not ok" code 1
         if args.json:
             print(json.dumps({"ok": False, "error": f"{type(e).__name__}: {e}"}))
         else:

@@ -8,9 +8,18 @@ E experts, V vocab, L layers.
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 from dataclasses import dataclass, field
 
-from .errors import ShapeError
+from .errors import ConfigError, ShapeError
+
+
+class ModelConfigError(ConfigError, ShapeError):
+    """A :class:`ModelConfig` field of the wrong type or out of range (``field``, ``value``).
+
+    A :class:`~minipatch.errors.ConfigError`; also a ShapeError, which this check raised before
+    it named the field."""
 
 FAMILIES = (
     "gemma3", "gemma2", "llama", "gpt2", "olmo2", "postnorm", "gptj", "neox", "parallel",
@@ -64,24 +73,7 @@ class ModelConfig:
     extra: dict = field(default_factory=dict, compare=False)
 
     def __post_init__(self):
-        if self.family not in FAMILIES:
-            raise ShapeError(f"unknown family {self.family!r}; one of {FAMILIES}")
-        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_head", "d_ff"):
-            if int(getattr(self, name)) <= 0:
-                raise ShapeError(f"{name} must be positive, got {getattr(self, name)}")
-        if self.n_heads % self.n_kv_heads:
-            raise ShapeError(f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}")
-        if self.layer_types and len(self.layer_types) != self.n_layers:
-            raise ShapeError(f"layer_types has {len(self.layer_types)} entries for {self.n_layers} layers")
-        if any(t not in ("full", "sliding") for t in self.layer_types):
-            raise ShapeError(f"layer_types entries must be 'full' or 'sliding': {self.layer_types}")
-        if "sliding" in self.layer_types and not self.sliding_window:
-            raise ShapeError("sliding layers need sliding_window")
-        rd = self.rotary_dim or self.d_head
-        if self.pos_embedding == "rope" and (rd % 2 or rd > self.d_head):
-            raise ShapeError(f"rotary_dim {rd} must be even and at most d_head {self.d_head}")
-        if self.n_experts and not 0 < self.top_k <= self.n_experts:
-            raise ShapeError(f"top_k={self.top_k} must be in 1..n_experts={self.n_experts}")
+        _validate(self)
 
     def layer_type(self, layer: int) -> str:
         return self.layer_types[layer] if self.layer_types else "full"
@@ -100,3 +92,84 @@ class ModelConfig:
 
     def replace(self, **kw) -> "ModelConfig":
         return dataclasses.replace(self, **kw)
+
+
+NORMS = ("rms", "layer")
+QK_NORMS = ("none", "head", "full")
+ACTS = ("gelu_tanh", "gelu", "silu", "relu")
+POS_EMBEDDINGS = ("rope", "learned", "none")
+LAYER_KINDS = ("full", "sliding")
+
+
+def _validate(c):
+    """Every field's type and range, then the relations between fields (ModelConfigError)."""
+    def fail(name, reason):
+        raise ModelConfigError(name, getattr(c, name), reason, source="ModelConfig")
+
+    def integer(name, lo=1, none_ok=False):
+        v = getattr(c, name)
+        if v is None and none_ok:
+            return
+        if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+            fail(name, "must be an integer" + (" or None" if none_ok else ""))
+        if v < lo:
+            fail(name, f"must be >= {lo}")
+        object.__setattr__(c, name, int(v))
+
+    def real(name, positive=True, none_ok=False):
+        v = getattr(c, name)
+        if v is None and none_ok:
+            return
+        if isinstance(v, bool) or not isinstance(v, numbers.Real):
+            fail(name, "must be a real number" + (" or None" if none_ok else ""))
+        if not math.isfinite(v) or (positive and not v > 0):
+            fail(name, "must be finite and > 0" if positive else "must be finite")
+        object.__setattr__(c, name, float(v))
+
+    def choice(name, allowed):
+        if not isinstance(getattr(c, name), str) or getattr(c, name) not in allowed:
+            fail(name, f"must be one of {allowed}")
+
+    def flag(name):
+        if not isinstance(getattr(c, name), bool):
+            fail(name, "must be True or False")
+
+    choice("family", FAMILIES)
+    for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_head", "d_ff", "max_positions"):
+        integer(name)
+    for name in ("n_experts", "top_k", "d_ff_shared"):
+        integer(name, lo=0)
+    integer("sliding_window", none_ok=True)
+    integer("rotary_dim", none_ok=True)
+    choice("norm", NORMS)
+    choice("qk_norm", QK_NORMS)
+    choice("act", ACTS)
+    choice("pos_embedding", POS_EMBEDDINGS)
+    real("norm_eps")
+    real("norm_offset", positive=False)
+    real("rope_theta")
+    for name in ("rope_local_theta", "query_pre_attn_scalar", "attn_softcap", "final_softcap"):
+        real(name, none_ok=True)
+    for name in ("mlp_bias", "attn_bias", "o_bias", "rope_interleaved", "embed_scale", "tie_embeddings",
+                 "moe_renormalize"):
+        flag(name)
+    if not isinstance(c.extra, dict):
+        fail("extra", "must be a dict")
+    if not isinstance(c.layer_types, tuple):
+        if not isinstance(c.layer_types, list):
+            fail("layer_types", "must be a tuple of 'full' / 'sliding'")
+        object.__setattr__(c, "layer_types", tuple(c.layer_types))
+
+    if c.n_heads % c.n_kv_heads:
+        fail("n_kv_heads", f"must divide n_heads = {c.n_heads}")
+    if c.layer_types and len(c.layer_types) != c.n_layers:
+        fail("layer_types", f"has {len(c.layer_types)} entries for {c.n_layers} layers")
+    if any(t not in LAYER_KINDS for t in c.layer_types):
+        fail("layer_types", f"entries must be one of {LAYER_KINDS}")
+    if "sliding" in c.layer_types and not c.sliding_window:
+        fail("sliding_window", "sliding layers need a window >= 1")
+    rd = c.rotary_dim or c.d_head
+    if c.pos_embedding == "rope" and (rd % 2 or rd > c.d_head):
+        fail("rotary_dim", f"must be even and at most d_head = {c.d_head} (rotary dim {rd})")
+    if c.n_experts and not 0 < c.top_k <= c.n_experts:
+        fail("top_k", f"must be in 1..n_experts = {c.n_experts}")

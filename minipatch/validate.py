@@ -72,3 +72,22 @@ def check_count(n, what):
     if n < 0:
         raise InputError(f"{what} must be a non-negative integer, got {n}")
     return int(n)
+
+
+FLOAT_DTYPES = ("float32", "float64")
+"""The floating dtypes a model may be loaded or cast to (``dtype=`` arguments)."""
+
+
+def check_float_dtype(dtype, what="dtype"):
+    """The numpy dtype named by ``dtype``: exactly ``'float32'`` or ``'float64'`` (or those numpy
+    dtypes / scalar types). Anything else (``'bfloat16'``, ``'f8'``, ``3.5``, ``int``) is an
+    :class:`~minipatch.errors.InputError` naming the accepted set."""
+    ok = False
+    if isinstance(dtype, str):
+        ok = dtype in FLOAT_DTYPES
+    elif isinstance(dtype, np.dtype) or (isinstance(dtype, type) and issubclass(dtype, np.generic)):
+        ok = np.dtype(dtype).name in FLOAT_DTYPES
+    if not ok:
+        raise InputError(f"{what} must be one of {', '.join(repr(d) for d in FLOAT_DTYPES)} "
+                         f"(or numpy.float32 / numpy.float64), got {dtype!r}")
+    return np.dtype(dtype)

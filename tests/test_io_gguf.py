@@ -178,9 +178,14 @@ def test_wrong_shape(tmp_path):
 
 def test_unsupported_tensor_type(tmp_path):
     def edit(t):
-        t["output_norm.weight"] = np.ones(64, np.int32)
-    with pytest.raises(ModelFileError, match="unsupported type I32"):
+        t["blk.0.ffn_up.weight"] = np.ones_like(t["blk.0.ffn_up.weight"], np.int32)
+    with pytest.raises(ModelFileError, match="blk.0.ffn_up.weight is stored as I32"):
         read_gguf(tiny(tmp_path / "m.gguf", edit=edit))
+
+    def edit_norm(t):
+        t["output_norm.weight"] = np.ones(64, np.int32)
+    with pytest.raises(ModelFileError, match="output_norm.weight is stored as I32.*norm weights as F32"):
+        read_gguf(tiny(tmp_path / "n.gguf", edit=edit_norm))
 
 
 def test_non_finite_values(tmp_path):

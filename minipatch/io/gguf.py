@@ -37,7 +37,9 @@ from pathlib import Path
 
 import numpy as np
 
-from minipatch.errors import ModelFileError, UnsupportedArchitectureError
+from minipatch.errors import ConfigError, ModelFileError, UnsupportedArchitectureError
+from minipatch.io.files import open_regular
+from minipatch.validate import check_float_dtype
 
 _INSTALL_GGUF = 'pip install -e ".[gguf]" (in a clone of minipatch)'
 _INSTALL_REAL = 'pip install -e ".[real]" (in a clone of minipatch)'
@@ -79,11 +81,29 @@ def _open(path):
                 raise ModelFileError(f"read past the end of the file at byte {offset}")
             return arr
 
+        # One field at a time, so that a tensor whose data lies outside the file is named.
+        def _build_tensors(self, start_offs, fields):
+            out, seen = [], set()
+            for field in fields:
+                name = bytes(field.parts[1]).decode("utf-8", "replace")
+                if name in seen:
+                    raise ValueError(f"Found duplicated tensor with name {name}")
+                seen.add(name)
+                try:
+                    super()._build_tensors(start_offs, [field])
+                except ModelFileError as e:
+                    raise ModelFileError(f"tensor {name}: its data {e}") from None
+                out += self.tensors
+            self.tensors = out
+
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no such GGUF file: {path}")
     try:
-        reader = _StrictReader(path, "r")
+        f = open_regular(path, "GGUF file")
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no such GGUF file: {path}") from None
+    try:
+        with f:
+            reader = _StrictReader(f, "r")
     except ModelFileError as e:
         raise ModelFileError(f"{path}: truncated or malformed GGUF file ({e})") from e
     except Exception as e:  # gguf raises ValueError, KeyError, IndexError, ...
@@ -129,57 +149,67 @@ def read_gguf_metadata(path) -> dict:
     return _metadata(gguf, reader, path)
 
 
-def _num(meta, key, default=None, kind=int):
+def _num(meta, key, default=None, kind=int, source=None):
     """A positive int (or float, kind=float) metadata value; ``default`` if absent."""
     value = meta.get(key, default)
     if value is None:
-        raise ModelFileError(f"GGUF metadata lacks {key!r}")
+        raise ConfigError(key, None, "GGUF metadata lacks it", source=source)
     ok = (int,) if kind is int else (int, float)
     if isinstance(value, bool) or not isinstance(value, ok) or not 0 < value < float("inf"):
-        raise ModelFileError(f"GGUF metadata {key!r} = {value!r} is not a positive {kind.__name__}")
+        raise ConfigError(key, value, f"GGUF metadata must be a positive {kind.__name__}", source=source)
     return kind(value)
 
 
-def _hf_config(meta, tensor_names) -> dict:
+def _hf_config(meta, tensor_names, source=None) -> dict:
     """The HF config.json dict of a gemma3 or llama GGUF (see the module docstring)."""
+    where = f"{source}: " if source else ""
     arch = meta.get("general.architecture")
     if not isinstance(arch, str) or arch not in _LAYER_NAMES:
         raise UnsupportedArchitectureError(
-            f"GGUF architecture {arch!r} is not supported (supported: {sorted(_LAYER_NAMES)})")
+            f"{where}GGUF architecture {arch!r} is not supported (supported: {sorted(_LAYER_NAMES)})")
     p = arch + "."
+
+    def num(key, default=None, kind=int):
+        return _num(meta, p + key, default, kind, source)
+
     scaling = meta.get(p + "rope.scaling.type", "none")
     if not isinstance(scaling, str) or scaling != "none":
-        raise UnsupportedArchitectureError(f"rope scaling {scaling!r} is not supported")
-    n_layers = _num(meta, p + "block_count")
+        raise UnsupportedArchitectureError(f"{where}GGUF metadata {p}rope.scaling.type = {scaling!r}: "
+                                           "rope scaling is not supported")
+    n_layers = num("block_count")
     if n_layers > len(tensor_names):
-        raise ModelFileError(f"block_count {n_layers} exceeds the {len(tensor_names)} tensors stored")
-    d_model, n_heads = _num(meta, p + "embedding_length"), _num(meta, p + "attention.head_count")
-    n_kv = _num(meta, p + "attention.head_count_kv", n_heads)
-    d_head = _num(meta, p + "attention.key_length", max(d_model // n_heads, 1))
-    if n_heads % n_kv or d_head % 2:
-        raise ModelFileError(f"bad attention shape: {n_heads} heads, {n_kv} kv heads, head_dim {d_head}")
-    if _num(meta, p + "attention.value_length", d_head) != d_head:
-        raise ModelFileError("attention.value_length != key_length is not supported")
-    if _num(meta, p + "rope.dimension_count", d_head) != d_head:
-        raise UnsupportedArchitectureError("partial rotary embeddings are not supported")
+        raise ConfigError(p + "block_count", n_layers, f"exceeds the {len(tensor_names)} tensors stored",
+                          source=source)
+    d_model, n_heads = num("embedding_length"), num("attention.head_count")
+    n_kv = num("attention.head_count_kv", n_heads)
+    d_head = num("attention.key_length", max(d_model // n_heads, 1))
+    if n_heads % n_kv:
+        raise ConfigError(p + "attention.head_count_kv", n_kv, f"must divide attention.head_count = {n_heads}",
+                          source=source)
+    if d_head % 2:
+        raise ConfigError(p + "attention.key_length", d_head, "must be even (RoPE rotates pairs)", source=source)
+    if num("attention.value_length", d_head) != d_head:
+        raise UnsupportedArchitectureError(f"{where}attention.value_length != key_length is not supported")
+    if num("rope.dimension_count", d_head) != d_head:
+        raise UnsupportedArchitectureError(f"{where}partial rotary embeddings are not supported")
     tokens = meta.get("tokenizer.ggml.tokens")
     cfg = {
-        "vocab_size": _num(meta, p + "vocab_size", len(tokens) if isinstance(tokens, list) else None),
+        "vocab_size": num("vocab_size", len(tokens) if isinstance(tokens, list) else None),
         "hidden_size": d_model,
-        "intermediate_size": _num(meta, p + "feed_forward_length"),
+        "intermediate_size": num("feed_forward_length"),
         "num_hidden_layers": n_layers,
         "num_attention_heads": n_heads,
         "num_key_value_heads": n_kv,
         "head_dim": d_head,
-        "rms_norm_eps": _num(meta, p + "attention.layer_norm_rms_epsilon", kind=float),
-        "max_position_embeddings": _num(meta, p + "context_length", 2048),
+        "rms_norm_eps": num("attention.layer_norm_rms_epsilon", kind=float),
+        "max_position_embeddings": num("context_length", 2048),
         "tie_word_embeddings": "output.weight" not in tensor_names,
         "attention_bias": False,
         "bos_token_id": meta.get("tokenizer.ggml.bos_token_id"),
         "eos_token_id": meta.get("tokenizer.ggml.eos_token_id"),
         "pad_token_id": meta.get("tokenizer.ggml.padding_token_id"),
     }
-    theta = _num(meta, p + "rope.freq_base", 10000.0, kind=float)
+    theta = num("rope.freq_base", 10000.0, kind=float)
     if arch == "llama":
         return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", **cfg,
                 "hidden_act": "silu", "mlp_bias": False,
@@ -190,7 +220,7 @@ def _hf_config(meta, tensor_names) -> dict:
             "rope_parameters": {
                 "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
                 "full_attention": {"rope_type": "default", "rope_theta": theta}},
-            "sliding_window": _num(meta, p + "attention.sliding_window"),
+            "sliding_window": num("attention.sliding_window"),
             "_sliding_window_pattern": pattern,
             "layer_types": ["full_attention" if (i + 1) % pattern == 0 else "sliding_attention"
                             for i in range(n_layers)],
@@ -217,6 +247,52 @@ def _expected(cfg) -> dict:
     return out
 
 
+_NORM_STEMS = {"attn_norm", "ffn_norm", "post_attention_norm", "post_ffw_norm", "attn_q_norm", "attn_k_norm",
+               "output_norm"}
+
+
+def _check_type(gguf, t, path):
+    """Norms must be F32 (llama.cpp never quantizes or narrows them); no weight may be an
+    integer type. A tensor-info entry whose type was changed reinterprets the same bytes."""
+    T = gguf.GGMLQuantizationType
+    stem = t.name.split(".")[-2]
+    kind = t.tensor_type.name
+    if stem in _NORM_STEMS and t.tensor_type != T.F32:
+        raise ModelFileError(f"{path}: tensor {t.name} is stored as {kind}; llama.cpp stores norm weights "
+                             "as F32, so its type entry is wrong (or the file was not written by llama.cpp)")
+    if t.tensor_type in (T.I8, T.I16, T.I32, T.I64):
+        raise ModelFileError(f"{path}: tensor {t.name} is stored as {kind}; weights must be floating point "
+                             "or quantized")
+
+
+def _check_layout(gguf, reader, path):
+    """Every tensor's stored type is plausible (:func:`_check_type`), and the tensors' data
+    ranges tile the data section in order, each at the next aligned offset:
+    no overlap (two tensors sharing bytes), no hole of ``alignment`` bytes or more, no trailing
+    data (as llama.cpp and gguf-py write them)."""
+    align = int(reader.alignment)
+    if align <= 0:
+        raise ModelFileError(f"{path}: general.alignment {align} must be positive")
+    for t in reader.tensors:        # first, so that a retyped tensor is named (not its neighbour)
+        _check_type(gguf, t, path)
+    start, end = int(reader.data_offset), int(reader.data.size)
+    pos, prev = start, None
+    for t in sorted(reader.tensors, key=lambda t: (int(t.data_offset), int(t.n_bytes))):
+        begin, n = int(t.data_offset), int(t.n_bytes)
+        if (begin - start) % align:
+            raise ModelFileError(f"{path}: tensor {t.name} data at byte {begin} is not aligned to {align}")
+        if begin < pos:
+            raise ModelFileError(f"{path}: tensor {t.name} data [{begin}, {begin + n}) overlaps tensor {prev} "
+                                 f"ending at {pos}")
+        if begin - pos >= align:
+            raise ModelFileError(f"{path}: {begin - pos} unused bytes before tensor {t.name} (tensor data must "
+                                 "be packed; is a tensor's type or shape entry wrong?)")
+        pos, prev = begin + n, t.name
+    if end - pos >= align:
+        raise ModelFileError(f"{path}: {end - pos} bytes after the last tensor's data (trailing data, or a "
+                             "tensor's type or shape entry is wrong)")
+
+
 def _unpermute(w, n_heads):
     """Undo llama.cpp's rope row permutation of q_proj/k_proj: [N*H, D] -> [N*H, D]."""
     return w.reshape(n_heads, w.shape[0] // n_heads // 2, 2, w.shape[1]).swapaxes(1, 2).reshape(w.shape)
@@ -227,20 +303,23 @@ def read_gguf(path, dtype=np.float64) -> tuple[dict, dict[str, np.ndarray], dict
 
     Args:
       path: the .gguf file.
-      dtype: floating dtype of the returned tensors.
+      dtype: ``'float32'`` or ``'float64'`` (InputError otherwise), the returned tensors' dtype.
     Returns:
       (hf_config, tensors, metadata): a dict in HF config.json format; HF parameter name
       -> array of ``dtype`` stored (out, in), e.g. q_proj [N*H, D], embed_tokens [V, D],
       norms [D] (``lm_head.weight`` only if untied); the GGUF metadata as read_gguf_metadata.
     Raises:
       UnsupportedArchitectureError: the architecture is not gemma3 or llama.
-      ModelFileError: the file is truncated, malformed, inconsistent or uses an
-        unsupported quantization type.
+      ModelFileError: the file is truncated, malformed, inconsistent (tensor data ranges that
+        overlap or leave holes, a norm not stored as F32, an integer-typed weight, non-finite
+        values) or uses an unsupported quantization type; ConfigError for bad metadata.
     """
+    dtype = check_float_dtype(dtype)
     gguf, reader = _open(path)
+    _check_layout(gguf, reader, path)
     meta = _metadata(gguf, reader, path)
     stored = {t.name: t for t in reader.tensors}
-    cfg = _hf_config(meta, stored)
+    cfg = _hf_config(meta, stored, source=path)
     expected = _expected(cfg)
     missing = sorted(set(expected) - set(stored))
     extra = sorted(set(stored) - set(expected))
@@ -264,7 +343,8 @@ def read_gguf(path, dtype=np.float64) -> tuple[dict, dict[str, np.ndarray], dict
         except Exception as e:
             raise ModelFileError(f"{path}: cannot dequantize {name} ({type(e).__name__}: {e})") from e
         if not np.isfinite(w).all():
-            raise ModelFileError(f"{path}: tensor {name} holds non-finite values")
+            bad = int(np.count_nonzero(~np.isfinite(w)))
+            raise ModelFileError(f"{path}: tensor {name} holds {bad} non-finite value(s)")
         if gemma and name.endswith("norm.weight"):
             w = w.astype(np.float64) - 1.0  # GGUF stores 1 + w
         elif not gemma and (".attn_q." in name or ".attn_k." in name):

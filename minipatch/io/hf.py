@@ -1,8 +1,11 @@
 """Hugging Face configs and checkpoints -> minipatch models.
 
-``config_from_hf`` turns a config.json dict into a ModelConfig (one builder per model_type,
-each stating the HF semantics it relies on); ``map_tensors`` applies the family's name table
-from ``minipatch.io.hf_tables``; ``model_from_hf`` builds the Model.
+``config_from_hf`` turns a config.json dict into a ModelConfig (defaults, validation and one
+builder per model_type, each stating the HF semantics it relies on, live in
+``minipatch.io.config_check``); ``check_checkpoint`` cross-checks a config against a tensor
+index (names, dtypes, shapes) before any data is read; ``map_tensors`` applies the family's
+name table from ``minipatch.io.hf_tables``; ``model_from_hf`` builds the Model, refusing
+non-finite weights and weights that overflow the requested dtype.
 
 Supported model_type: gemma3_text, gemma2, llama, mistral, qwen2, qwen3, olmo2, mixtral,
 qwen2_moe, gpt2, gptj, phi, gpt_neox.
@@ -13,195 +16,20 @@ import re
 
 import numpy as np
 
-from ..config import ModelConfig
-from ..errors import ModelFileError, ShapeError, UnsupportedArchitectureError
+from ..errors import ModelFileError, ShapeError
 
 from .hf_tables import (GEMMA, GPT2, GPTJ, IGNORED, LLAMA, MIXTRAL, OLMO2, PHI,  # noqa: F401
                         QWEN2_MOE, QWEN3, neox_table)
 
-ACTIVATIONS = {"gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh", "gelu_fast": "gelu_tanh",
-               "gelu": "gelu", "silu": "silu", "swish": "silu", "relu": "relu"}
+from .config_check import ACTIVATIONS, HF_DEFAULTS, check_tensor_index, layer_indices, model_config  # noqa: F401
 
-# ---- configs -----------------------------------------------------------------------------
-
-
-def _act(name):
-    try:
-        return ACTIVATIONS[name]
-    except KeyError:
-        raise UnsupportedArchitectureError(f"unsupported activation {name!r}") from None
-
-
-def _rope(c, kind):
-    """rope_theta for 'full_attention' or 'sliding_attention' layers from either config style."""
-    rp = c.get("rope_parameters") or {}
-    if kind in rp:
-        return float(rp[kind]["rope_theta"])
-    if "rope_theta" in rp:
-        return float(rp["rope_theta"])
-    if kind == "sliding_attention" and c.get("rope_local_base_freq"):
-        return float(c["rope_local_base_freq"])
-    return float(c.get("rope_theta", 10000.0))
-
-
-def _layer_types(c, default_pattern):
-    n = c["num_hidden_layers"]
-    lt = c.get("layer_types")
-    if lt is None:
-        pat = c.get("sliding_window_pattern", c.get("_sliding_window_pattern", default_pattern))
-        lt = ["full_attention" if (i + 1) % pat == 0 else "sliding_attention" for i in range(n)]
-    return tuple("sliding" if t == "sliding_attention" else "full" for t in lt)
-
-
-def _common(c):
-    return dict(vocab_size=c["vocab_size"], d_model=c["hidden_size"], n_layers=c["num_hidden_layers"],
-                n_heads=c["num_attention_heads"],
-                n_kv_heads=c.get("num_key_value_heads") or c["num_attention_heads"],
-                d_head=c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"],
-                d_ff=c["intermediate_size"], tie_embeddings=bool(c.get("tie_word_embeddings", False)))
-
-
-def gemma3_config(c):
-    return ModelConfig(family="gemma3", **_common(c), norm="rms", norm_offset=1.0,
-                       norm_eps=c.get("rms_norm_eps", 1e-6), qk_norm="head",
-                       act=_act(c.get("hidden_activation", "gelu_pytorch_tanh")),
-                       layer_types=_layer_types(c, 6), sliding_window=c.get("sliding_window"),
-                       query_pre_attn_scalar=c.get("query_pre_attn_scalar"),
-                       attn_softcap=c.get("attn_logit_softcapping"),
-                       final_softcap=c.get("final_logit_softcapping"),
-                       rope_theta=_rope(c, "full_attention"), rope_local_theta=_rope(c, "sliding_attention"),
-                       embed_scale=True, attn_bias=bool(c.get("attention_bias", False)),
-                       o_bias=bool(c.get("attention_bias", False)))
-
-
-def _attention_layers(c, all_sliding=False):
-    """(layer_types, sliding_window): HF's ``layer_types`` when given; Mistral and Mixtral
-    apply ``sliding_window`` to every layer; Qwen 2 only with ``use_sliding_window``."""
-    w = c.get("sliding_window") or None
-    if c.get("use_sliding_window") is False:
-        w = None
-    if c.get("layer_types"):
-        lt = tuple("sliding" if t == "sliding_attention" else "full" for t in c["layer_types"])
-    else:
-        lt = ("sliding",) * c["num_hidden_layers"] if (all_sliding and w) else ()
-    if "sliding" not in lt:
-        return (), None
-    if not w:
-        raise ModelFileError("config.json has sliding layers but no sliding_window")
-    return lt, int(w)
-
-
-def llama_config(c, family="llama", all_sliding=False, **kw):
-    """Llama, Mistral, Qwen 2/3, OLMo 2, Mixtral, Qwen2-MoE: RMSNorm (weight-style), SwiGLU."""
-    lt, w = _attention_layers(c, all_sliding)
-    bias = bool(c.get("attention_bias", False))
-    base = dict(family=family, **_common(c), norm="rms", norm_eps=c.get("rms_norm_eps", 1e-6),
-                act=_act(c.get("hidden_act", "silu")), rope_theta=_rope(c, "full_attention"),
-                attn_bias=bias, o_bias=bias, mlp_bias=bool(c.get("mlp_bias", False)),
-                layer_types=lt, sliding_window=w)
-    base.update(kw)
-    return ModelConfig(**base)
-
-
-def mistral_config(c):
-    return llama_config(c, all_sliding=True)
-
-
-def qwen2_config(c):     # q/k/v biases, none on o_proj (hard-coded in Qwen2Attention)
-    return llama_config(c, attn_bias=True, o_bias=False)
-
-
-def qwen3_config(c):     # per-head RMSNorm (weight-style) on q and k before RoPE
-    return llama_config(c, qk_norm="head")
-
-
-def olmo2_config(c):     # RMSNorm over all heads' q (N*H) and k (K*H); post-norm block
-    return llama_config(c, family="olmo2", qk_norm="full")
-
-
-def mixtral_config(c):   # softmax over all experts, top-k, renormalised
-    return llama_config(c, family="mixtral", all_sliding=True, n_experts=c["num_local_experts"],
-                        top_k=c["num_experts_per_tok"], moe_renormalize=True)
-
-
-def qwen2_moe_config(c):
-    if c.get("mlp_only_layers") or c.get("decoder_sparse_step", 1) != 1:
-        raise UnsupportedArchitectureError("Qwen2-MoE with dense layers (mlp_only_layers, decoder_sparse_step)")
-    return llama_config(c, family="qwen2_moe", attn_bias=bool(c.get("qkv_bias", True)), o_bias=False,
-                        n_experts=c["num_experts"], top_k=c["num_experts_per_tok"],
-                        d_ff=c["moe_intermediate_size"], moe_renormalize=bool(c.get("norm_topk_prob", False)),
-                        d_ff_shared=c.get("shared_expert_intermediate_size") or 0)
-
-
-def gemma2_config(c):    # Gemma 3 without q/k norms, with attention and final soft-capping
-    return gemma3_config(c).replace(family="gemma2", qk_norm="none", layer_types=_layer_types(c, 2),
-                                    rope_local_theta=None)
-
-
-def _rotary_dim(c, d_head):
-    rp = c.get("rope_parameters") or {}
-    f = rp.get("partial_rotary_factor", c.get("partial_rotary_factor", c.get("rotary_pct", 1.0)))
-    return int(d_head * f)
-
-
-def gpt2_config(c):
-    D = c["n_embd"]
-    return ModelConfig(family="gpt2", vocab_size=c["vocab_size"], d_model=D, n_layers=c["n_layer"],
-                       n_heads=c["n_head"], n_kv_heads=c["n_head"], d_head=D // c["n_head"],
-                       d_ff=c.get("n_inner") or 4 * D, norm="layer", norm_eps=c.get("layer_norm_epsilon", 1e-5),
-                       act=_act(c.get("activation_function", "gelu_new")), attn_bias=True, o_bias=True,
-                       mlp_bias=True, pos_embedding="learned", max_positions=c["n_positions"],
-                       tie_embeddings=bool(c.get("tie_word_embeddings", True)))
-
-
-def gptj_config(c):
-    D, N = c["n_embd"], c["n_head"]
-    return ModelConfig(family="gptj", vocab_size=c["vocab_size"], d_model=D, n_layers=c["n_layer"],
-                       n_heads=N, n_kv_heads=N, d_head=D // N, d_ff=c.get("n_inner") or 4 * D,
-                       norm="layer", norm_eps=c.get("layer_norm_epsilon", 1e-5),
-                       act=_act(c.get("activation_function", "gelu_new")), mlp_bias=True,
-                       rotary_dim=c.get("rotary_dim") or D // N, rope_interleaved=True,
-                       rope_theta=10000.0,          # hard-coded in HF's create_sinusoidal_positions
-                       tie_embeddings=bool(c.get("tie_word_embeddings", False)), extra={"head_bias": True})
-
-
-def phi_config(c):
-    if c.get("qk_layernorm"):
-        raise UnsupportedArchitectureError("Phi with qk_layernorm (LayerNorm on q/k) is not implemented")
-    k = _common(c)
-    return ModelConfig(family="gptj", **k, norm="layer", norm_eps=c.get("layer_norm_eps", 1e-5),
-                       act=_act(c.get("hidden_act", "gelu_new")), attn_bias=True, o_bias=True, mlp_bias=True,
-                       rotary_dim=_rotary_dim(c, k["d_head"]), rope_theta=_rope(c, "full_attention"),
-                       extra={"head_bias": True})
-
-
-def neox_config(c):
-    """GPT-NeoX: own LayerNorm per branch; parallel residual (or sequential, as GPT-2 with RoPE)."""
-    k = _common(c)
-    k["d_head"] = c["hidden_size"] // c["num_attention_heads"]
-    bias = bool(c.get("attention_bias", True))
-    return ModelConfig(family="neox" if c.get("use_parallel_residual", True) else "gpt2", **k, norm="layer",
-                       norm_eps=c.get("layer_norm_eps", 1e-5), act=_act(c.get("hidden_act", "gelu")),
-                       attn_bias=bias, o_bias=bias, mlp_bias=True, rotary_dim=_rotary_dim(c, k["d_head"]),
-                       rope_theta=_rope(c, "full_attention"))
-
-
-# model_type -> (config builder, name table or table builder from the config dict)
-FAMILIES = {
-    "gemma3_text": (gemma3_config, GEMMA),
-    "gemma2": (gemma2_config, GEMMA),
-    "llama": (llama_config, LLAMA),
-    "mistral": (mistral_config, LLAMA),
-    "qwen2": (qwen2_config, LLAMA),
-    "qwen3": (qwen3_config, QWEN3),
-    "olmo2": (olmo2_config, OLMO2),
-    "mixtral": (mixtral_config, MIXTRAL),
-    "qwen2_moe": (qwen2_moe_config, QWEN2_MOE),
-    "gpt2": (gpt2_config, GPT2),
-    "gptj": (gptj_config, GPTJ),
-    "phi": (phi_config, PHI),
-    "gpt_neox": (neox_config, neox_table),
+# model_type -> name table, or a table builder taking the config dict (GPT-NeoX's fused QKV)
+TABLES = {
+    "gemma3_text": GEMMA, "gemma2": GEMMA, "llama": LLAMA, "mistral": LLAMA, "qwen2": LLAMA,
+    "qwen3": QWEN3, "olmo2": OLMO2, "mixtral": MIXTRAL, "qwen2_moe": QWEN2_MOE, "gpt2": GPT2,
+    "gptj": GPTJ, "phi": PHI, "gpt_neox": neox_table,
 }
+assert set(TABLES) == set(HF_DEFAULTS)
 
 # ---- mapping -----------------------------------------------------------------------------
 
@@ -269,34 +97,144 @@ def _stack_experts(lp):
     return lp
 
 
-def config_from_hf(config):
-    mt = config.get("model_type")
-    if mt not in FAMILIES:
-        raise UnsupportedArchitectureError(
-            f"model_type {mt!r} is not supported; supported: {sorted(FAMILIES)}")
+def config_from_hf(config, source=None):
+    """The validated ModelConfig of a config.json dict (``minipatch.io.config_check``).
+
+    Raises ConfigError naming the field and value (and ``source``, the file), or
+    UnsupportedArchitectureError.
+    """
+    return model_config(config, source)
+
+
+def _table(config, cfg):
+    t = TABLES[config["model_type"]]
+    return t({"num_attention_heads": cfg.n_heads, "hidden_size": cfg.d_model}) if callable(t) else t
+
+
+def _layer_table_keys(model_type):
+    t = TABLES[model_type]
+    return t({"num_attention_heads": 1, "hidden_size": 1}) if callable(t) else t
+
+
+def expected_shapes(cfg):
+    """Internal parameter name -> shape (per-layer names prefixed ``layers.{i}.``) for ``cfg``."""
+    from ..blocks import layer_shapes, spec_for
+    from ..model import top_shapes
+
+    out = dict(top_shapes(cfg))
+    per = layer_shapes(spec_for(cfg), cfg)
+    for i in range(cfg.n_layers):
+        out.update({f"layers.{i}.{k}": s for k, s in per.items()})
+    return out
+
+
+def check_checkpoint(config, index, source=None):
+    """Validate a config.json dict against a checkpoint's tensor index, before any data is read.
+
+    Args:
+      config: the config dict; index: HF tensor name -> (dtype name, shape).
+    Returns:
+      the ModelConfig.
+    Raises:
+      ConfigError / UnsupportedArchitectureError (the config alone, or its layer count against
+      the layers the checkpoint holds), ModelFileError (a tensor's dtype or shape).
+    """
+    import re as _re
+
+    mt = config.get("model_type") if isinstance(config, dict) else None
+    found = layer_indices(index, _layer_table_keys(mt)) if isinstance(mt, str) and mt in TABLES else None
+    cfg = model_config(config, source, layers_found=found)
     try:
-        return FAMILIES[mt][0](config)
-    except (KeyError, TypeError) as e:
-        raise ModelFileError(f"config.json for {mt!r} lacks or mistypes a field: {e}") from None
-    except ShapeError as e:
-        raise ModelFileError(f"config.json for {mt!r} is inconsistent: {e}") from None
+        check_tensor_index(cfg, _table(config, cfg), index, [_re.compile(p) for p in IGNORED],
+                           expected_shapes(cfg), source)
+    except ModelFileError as e:
+        omitted = [k for k in _SHAPE_KEYS if k in HF_DEFAULTS[mt] and k not in config]
+        if omitted and "has shape" in str(e):
+            raise ModelFileError(f"{e}; config.json omits {', '.join(omitted)}, so the Hugging Face "
+                                 f"defaults for {mt!r} were used") from None
+        raise
+    return cfg
 
 
-def model_from_hf(config, tensors, dtype="float64"):
-    """A Model from an HF config dict and HF-named tensors (numpy)."""
+_SHAPE_KEYS = ("vocab_size", "hidden_size", "n_embd", "intermediate_size", "n_inner", "num_attention_heads",
+               "n_head", "num_key_value_heads", "head_dim", "moe_intermediate_size",
+               "shared_expert_intermediate_size", "num_local_experts", "num_experts", "n_positions")
+
+
+def _index_of(tensors, source):
+    where = f"{source}: " if source else ""
+    if not isinstance(tensors, dict):
+        raise ModelFileError(f"{where}tensors must be a dict name -> array, got {type(tensors).__name__}")
+    out = {}
+    for name, a in tensors.items():
+        if not isinstance(name, str) or not isinstance(a, np.ndarray):
+            raise ModelFileError(f"{where}tensor {name!r} must be a numpy array under a str name, "
+                                 f"got {type(a).__name__}")
+        out[name] = (a.dtype.name, a.shape)
+    return out
+
+
+def _check_finite(name, a, source, target):
+    """ModelFileError naming the tensor if it holds NaN/inf, or values beyond ``target``'s range
+    (a float64 checkpoint with |w| > 3.4e38 would turn into inf in float32)."""
+    if a.dtype.kind != "f":
+        return
+    where = f"{source}: " if source else ""
+    finite = np.isfinite(a)
+    if not finite.all():
+        first = tuple(int(i) for i in np.argwhere(~finite)[0])
+        raise ModelFileError(f"{where}tensor {name!r} holds {int(a.size - np.count_nonzero(finite))} non-finite "
+                             f"value(s), first {float(a[first])!r} at index {first}")
+    big = float(np.finfo(target).max)
+    if a.dtype.itemsize > target.itemsize and a.size and float(np.max(np.abs(a))) > big:
+        first = tuple(int(i) for i in np.argwhere(np.abs(a) > big)[0])
+        raise ModelFileError(f"{where}tensor {name!r} holds {float(a[first])!r} at index {first}, beyond the "
+                             f"{target.name} range (max {big:.3g}): it would become inf; load with dtype='float64'")
+
+
+def model_from_hf(config, tensors, dtype="float64", *, source=None):
+    """A Model from an HF config dict and HF-named tensors (numpy).
+
+    The config is validated and cross-checked against the tensors' names, dtypes and shapes
+    (:func:`check_checkpoint`); every weight must be finite, and stay finite in ``dtype``
+    (``'float32'`` or ``'float64'``). Never modifies ``config`` or ``tensors``.
+    """
     from ..backend import to
     from ..model import Model
+    from ..validate import check_float_dtype
 
-    from ..backend import as_float_dtype
-
-    as_float_dtype(np, dtype)
-    cfg = config_from_hf(config)
-    table = FAMILIES[config["model_type"]][1]
-    top, layers = map_tensors(tensors, table(config) if callable(table) else table, cfg.n_layers)
+    target = check_float_dtype(dtype)
+    index = _index_of(tensors, source)
+    cfg = check_checkpoint(config, index, source)
+    ignored = [re.compile(p) for p in IGNORED]
+    used = {k: v for k, v in tensors.items() if not any(r.match(k) for r in ignored)}
+    for name, a in used.items():
+        _check_finite(name, a, source, target)
+    top, layers = map_tensors(used, _table(config, cfg), cfg.n_layers)
     if cfg.tie_embeddings:
         top.pop("lm_head.weight", None)
-    params = dict(top, layers=layers)
+    params = to(dict(top, layers=layers), dtype=target)
     try:
-        return Model(cfg, to(params, dtype=dtype))
+        return Model(cfg, params)
     except ShapeError as e:
-        raise ModelFileError(f"checkpoint does not match its config: {e}") from None
+        where = f"{source}: " if source else ""
+        raise ModelFileError(f"{where}checkpoint does not match its config: {e}") from None
+
+
+def load_folder(path, dtype="float64"):
+    """A Model from a Hugging Face checkpoint folder: config.json and the shards' tensor index are
+    checked against each other before any tensor data is read."""
+    from pathlib import Path
+
+    from ..validate import check_float_dtype
+    from .safetensors import read_checkpoint_index, read_safetensors
+
+    check_float_dtype(dtype)
+    folder = Path(path)
+    config, index = read_checkpoint_index(folder)
+    source = folder / "config.json"
+    check_checkpoint(config, {k: (dt, shape) for k, (dt, shape, _) in index.items()}, source)
+    tensors = {}
+    for shard in sorted({s for _, _, s in index.values()}):
+        tensors.update(read_safetensors(folder / shard))
+    return model_from_hf(config, {k: tensors[k] for k in index}, dtype, source=source)

@@ -33,8 +33,11 @@ from pathlib import Path
 import numpy as np
 
 from minipatch.errors import ModelFileError
+from minipatch.io.files import MAX_CONFIG_BYTES, MAX_INDEX_BYTES, open_regular, read_regular
+from minipatch.validate import check_float_dtype
 
-__all__ = ["read_safetensors", "read_checkpoint_folder", "DTYPES", "MAX_HEADER_BYTES"]
+__all__ = ["read_safetensors", "read_safetensors_index", "read_checkpoint_folder", "read_checkpoint_index",
+           "DTYPES", "MAX_HEADER_BYTES"]
 
 MAX_HEADER_BYTES = 100_000_000
 """Largest accepted JSON header (the reference implementation's limit)."""
@@ -164,26 +167,13 @@ def _decode(mm, start: int, dtype_name: str, shape: tuple, dtype, path, name) ->
     return arr
 
 
-def read_safetensors(path, dtype=None) -> dict[str, np.ndarray]:
-    """Read every tensor of a ``.safetensors`` file into fresh numpy arrays.
-
-    Args:
-      path: the file.
-      dtype: if given, floating-point tensors (F64, F32, F16, BF16) are converted to it;
-        integer and BOOL tensors keep their own dtype. BF16 is widened exactly to float32
-        (bits shifted left by 16) before any conversion.
-    Returns:
-      dict name -> array (native byte order, C-contiguous, owning its memory), in file order.
-    Raises:
-      ModelFileError: for any malformed, truncated, inconsistent or unsupported file.
-    """
-    path = os.fspath(path)
-    target = None if dtype is None else np.dtype(dtype)
+def _open_header(path):
+    """(file, header, entries, data_start) of a safetensors file; the caller closes the file."""
     try:
-        f = open(path, "rb")
-    except OSError as e:
-        raise ModelFileError(f"{path}: cannot open ({e.strerror or e})") from e
-    with f:
+        f = open_regular(path, "safetensors file")
+    except FileNotFoundError as e:
+        raise ModelFileError(f"{path}: cannot open (no such file)") from e
+    try:
         size = os.fstat(f.fileno()).st_size
         if size < 8:
             _fail(path, f"file has {size} bytes, shorter than the 8-byte header length")
@@ -195,6 +185,43 @@ def read_safetensors(path, dtype=None) -> dict[str, np.ndarray]:
         header = _parse_header(path, f.read(n))
         data_start = 8 + n
         entries = _validate_entries(path, header, size - data_start)
+    except BaseException:
+        f.close()
+        raise
+    return f, header, entries, data_start
+
+
+def read_safetensors_index(path) -> dict[str, tuple[str, tuple]]:
+    """The tensor index of a ``.safetensors`` file, without reading any tensor data.
+
+    Returns:
+      dict name -> (safetensors dtype name, shape), in header order; the whole header is
+      validated exactly as :func:`read_safetensors` does.
+    """
+    path = os.fspath(path)
+    f, header, entries, _ = _open_header(path)
+    f.close()
+    info = {name: (dt, shape) for name, dt, shape, _, _ in entries}
+    return {name: info[name] for name in header if name != "__metadata__"}
+
+
+def read_safetensors(path, dtype=None) -> dict[str, np.ndarray]:
+    """Read every tensor of a ``.safetensors`` file into fresh numpy arrays.
+
+    Args:
+      path: the file (a regular file: FIFOs, devices and links to them are refused unopened).
+      dtype: if given, floating-point tensors (F64, F32, F16, BF16) are converted to it;
+        integer and BOOL tensors keep their own dtype. BF16 is widened exactly to float32
+        (bits shifted left by 16) before any conversion.
+    Returns:
+      dict name -> array (native byte order, C-contiguous, owning its memory), in file order.
+    Raises:
+      ModelFileError: for any malformed, truncated, inconsistent or unsupported file.
+    """
+    path = os.fspath(path)
+    target = None if dtype is None else check_float_dtype(dtype)
+    f, header, entries, data_start = _open_header(path)
+    with f:
         if not entries:
             return {}
         mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
@@ -209,12 +236,50 @@ def read_safetensors(path, dtype=None) -> dict[str, np.ndarray]:
     return {name: out[name] for name in header if name != "__metadata__"}
 
 
+def read_checkpoint_index(path) -> tuple[dict, dict[str, tuple[str, tuple, str]]]:
+    """``config.json`` and the tensor index of every shard of a checkpoint folder, no tensor data.
+
+    Returns:
+      (config dict, dict name -> (dtype name, shape, shard file name)). The same checks as
+      :func:`read_checkpoint_folder` (duplicates across shards, the index file) are applied.
+    """
+    folder = Path(path)
+    if not folder.is_dir():
+        _fail(folder, "not a checkpoint folder (no such directory)")
+    config = _read_json(folder / "config.json", what="config.json", limit=MAX_CONFIG_BYTES)
+    shards = sorted(folder.glob("*.safetensors"))
+    if not shards:
+        _fail(folder, "no *.safetensors file in the checkpoint folder")
+    index = {}
+    for shard in shards:
+        for name, (dt, shape) in read_safetensors_index(shard).items():
+            if name in index:
+                _fail(folder, f"tensor {name!r} appears in both {index[name][2]} and {shard.name}")
+            index[name] = (dt, shape, shard.name)
+    index_path = folder / "model.safetensors.index.json"
+    if index_path.exists() or index_path.is_symlink():
+        wmap = _read_json(index_path, what="safetensors index", limit=MAX_INDEX_BYTES).get("weight_map")
+        if not isinstance(wmap, dict):
+            _fail(index_path, "missing or invalid 'weight_map' object")
+        if set(wmap) != set(index):
+            missing, extra = set(wmap) - set(index), set(index) - set(wmap)
+            _fail(index_path, f"weight_map disagrees with the shards: missing "
+                              f"{sorted(missing)[:5]}, unlisted {sorted(extra)[:5]}")
+        for name, shard_name in wmap.items():
+            if shard_name != index[name][2]:
+                _fail(index_path, f"weight_map puts {name!r} in {shard_name!r}, "
+                                  f"found in {index[name][2]!r}")
+    return config, index
+
+
 def read_checkpoint_folder(path, dtype=None) -> tuple[dict, dict[str, np.ndarray]]:
     """Read a Hugging Face checkpoint folder: ``config.json`` and every ``*.safetensors`` file.
 
     Shards are read in sorted file-name order. A tensor name that appears in two shards is
     rejected. If ``model.safetensors.index.json`` is present, its ``weight_map`` must name exactly
-    the tensors found, each in the shard that holds it.
+    the tensors found, each in the shard that holds it. Every file must be a regular file
+    (a FIFO, device or directory named ``*.safetensors`` is refused, not skipped), and
+    ``config.json`` at most :data:`MAX_CONFIG_BYTES` long.
 
     Returns:
       (config dict, dict name -> array); ``dtype`` as in :func:`read_safetensors`.
@@ -222,38 +287,16 @@ def read_checkpoint_folder(path, dtype=None) -> tuple[dict, dict[str, np.ndarray
       ModelFileError: missing folder / config.json / weights, bad JSON, duplicates, bad shards.
     """
     folder = Path(path)
-    if not folder.is_dir():
-        _fail(folder, "not a checkpoint folder (no such directory)")
-    config = _read_json(folder / "config.json", what="config.json")
-    shards = sorted(p for p in folder.glob("*.safetensors") if p.is_file())
-    if not shards:
-        _fail(folder, "no *.safetensors file in the checkpoint folder")
-    tensors, owner = {}, {}
-    for shard in shards:
-        for name, arr in read_safetensors(shard, dtype=dtype).items():
-            if name in tensors:
-                _fail(folder, f"tensor {name!r} appears in both {owner[name]} and {shard.name}")
-            tensors[name], owner[name] = arr, shard.name
-    index_path = folder / "model.safetensors.index.json"
-    if index_path.exists():
-        index = _read_json(index_path, what="safetensors index")
-        wmap = index.get("weight_map")
-        if not isinstance(wmap, dict):
-            _fail(index_path, "missing or invalid 'weight_map' object")
-        if set(wmap) != set(tensors):
-            missing, extra = set(wmap) - set(tensors), set(tensors) - set(wmap)
-            _fail(index_path, f"weight_map disagrees with the shards: missing "
-                              f"{sorted(missing)[:5]}, unlisted {sorted(extra)[:5]}")
-        for name, shard_name in wmap.items():
-            if shard_name != owner[name]:
-                _fail(index_path, f"weight_map puts {name!r} in {shard_name!r}, "
-                                  f"found in {owner[name]!r}")
-    return config, tensors
+    config, index = read_checkpoint_index(folder)
+    tensors = {}
+    for shard in sorted({s for _, _, s in index.values()}):
+        tensors.update(read_safetensors(folder / shard, dtype=dtype))
+    return config, {name: tensors[name] for name in index}
 
 
-def _read_json(path: Path, what: str) -> dict:
+def _read_json(path: Path, what: str, limit: int) -> dict:
     try:
-        raw = path.read_bytes()
+        raw = read_regular(path, what, limit)
     except FileNotFoundError as e:
         raise ModelFileError(f"{path}: missing {what}") from e
     except OSError as e:
