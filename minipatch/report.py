@@ -119,13 +119,14 @@ def block_rows(model, name, method, T=24, seed=0):
                secs, BAR[("block", dt)])
 
 
-def model_row(model, name, method, T=32, seed=0, info=False, trace_out=None):
-    """M7 through the whole model; optionally collects the per-layer stream errors."""
+def model_row(model, name, method, T=32, seed=0, info=False, trace_out=None, order="closed"):
+    """M7 through the whole model (``order``: MATH.md M7's order of construction);
+    optionally collects the per-layer stream errors."""
     rng = np.random.default_rng(seed)
     tok = rng.integers(0, model.cfg.vocab_size, T)
     ctx = context_for(T, seed)
     t = time.perf_counter()
-    res = absorb(model, tok, ctx, method=method)
+    res = absorb(model, tok, ctx, method=method, order=order)
     secs = time.perf_counter() - t
     full_tr, pt_tr, un_tr = {}, {}, {}
     full = to_numpy(model.forward(tok, trace=full_tr))[res.kept]
@@ -140,6 +141,7 @@ def model_row(model, name, method, T=32, seed=0, info=False, trace_out=None):
     used = "/".join(sorted(set(res.methods)))
     used = used if method in ("auto", used) else f"{method}->{used}"
     used = f"auto->{used}" if method == "auto" else used
+    used = used if order == "closed" else f"{used}/open"
     return Row(f"M7 through {model.cfg.n_layers} layers", name, used, dt, rel(patched, full),
                rel(unpatched, full), max_rank(res.patches.layers), secs, BAR[("model", dt)], info=info)
 
@@ -166,16 +168,12 @@ def gemma_rows(curves=None):
         m12 = models.tiny_gemma(seed=0, dtype=dt, n_layers=12)
         for method in ("m6a", "m6b", "m6c", "m6d"):
             rows.append(block_rows(m4, "tiny_gemma L4", method))
-        r = model_row(m4, "tiny_gemma L4", "m6a", info=dt is np.float32)
-        if r.info:
-            r.note = "M6a in float32: rounding amplified by its scale patch (kappa)"
-        rows.append(r)
-        for method in ("m6b", "m6c", "m6d", "auto"):
+        rows.append(model_row(m4, "tiny_gemma L4", "m6a"))
+        for method in ("m6b", "m6c", "m6d", "auto", "m6a"):
             rows.append(model_row(m12, "tiny_gemma L12", method,
                                   trace_out=curves if (curves is not None and dt is np.float64) else None))
-        r = model_row(m12, "tiny_gemma L12", "m6a", info=True,
-                      trace_out=curves if (curves is not None and dt is np.float64) else None)
-        r.note = "paper's construction: unstable when u^C has tiny coordinates (see m6.construct)"
+        r = model_row(m12, "tiny_gemma L12", "m6a", info=True, order="open")
+        r.note = "M7 built open loop: M6a's scale patch amplifies earlier layers' drift (MATH.md M7)"
         rows.append(r)
         rows.append(greedy_row(m12, "tiny_gemma L12"))
     return rows

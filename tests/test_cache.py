@@ -7,7 +7,7 @@ import minipatch as mp
 from minipatch.backend import to_numpy
 from minipatch.config import FAMILIES
 from minipatch.models import tiny
-from conftest import CONTROL_MIN, TOL32, TOL64_MODEL, rel_err
+from helpers import CONTROL_MIN, TOL32, TOL64_MODEL, rel_err
 
 pytestmark = pytest.mark.m7
 TOL_CACHE = 1e-13          # cached vs uncached logits, float64 (issue bar)

@@ -12,7 +12,7 @@ from minipatch.errors import ConfigError, ModelFileError
 from minipatch.io.config_check import HF_DEFAULTS
 from minipatch.io.hf import config_from_hf
 
-from conftest import TOL64_BLOCK, rel_err
+from helpers import TOL64_BLOCK, rel_err
 from filekit import FIXTURES, copy_fixture
 
 pytestmark = pytest.mark.io

@@ -169,7 +169,7 @@ def test_experiment_float64_m6c(real_gemma64, real_tokenizer):
 
     out = run_experiment(real_gemma64, real_tokenizer, PROMPTS[3:4], n_new=2, dtypes=("float64",),
                          methods=("m6c",), progress=False)
-    s = out["summary"]["float64/m6c"]
+    s = out["summary"]["float64/closed/m6c"]
     assert s["agree"] == 2 and s["max_rel_err"] <= TOL64_MODEL
     assert out["runs"][0]["ref_tokens"] == _ref(4)["greedy_fp64"][:2].tolist()
 
