@@ -30,7 +30,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 import minipatch as mp
-from minipatch.dynamics import few_shot_dynamics
+from minipatch.dynamics_model import few_shot_dynamics
 from minipatch.experiment import format_table, plot, run_experiment
 from minipatch.io.gguf import gemma3_270m_path, read_gguf_metadata
 from minipatch.io.tokenizer import decode, encode, tokenizer_from_gguf

@@ -22,7 +22,8 @@ import numpy as np
 
 from minipatch import lemmas
 from minipatch.blocks import attn_sublayer
-from minipatch.dynamics import first_block_dynamics, model_dynamics
+from minipatch.dynamics import first_block_dynamics
+from minipatch.dynamics_model import model_dynamics
 from minipatch.models import tiny, tiny_gemma
 
 def rel(a, b):
