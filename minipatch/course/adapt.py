@@ -8,8 +8,8 @@ injecting it into the spine.
 - :func:`as_rank1`, :func:`as_m6`, ...: the accepted return conventions, turned into the
   spine's patch types, with :class:`ReturnValueError` naming what was wrong.
 - :func:`injected`: for the duration of a ``with``, the spine calls the implementation's
-  functions where it would call its own (only the graded unit's), so a wrong M6 can only
-  fail M6's checks, never M7's.
+  functions where it would call its own (only the graded unit's; the checks that go through
+  the spine use it), so a wrong M6 can only fail M6's checks, never M7's.
 """
 from __future__ import annotations
 

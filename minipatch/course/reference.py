@@ -15,8 +15,15 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
-from .. import controllability, dynamics, lemmas, m6 as _m6
+from .. import controllability, lemmas, m6 as _m6
+from ..dynamics import implicit_steps as _implicit_steps
 from ..experts import MoEOuter
+
+# The spine's functions as imported, so that grading (which may inject a submission into the
+# spine's modules, see minipatch.course.adapt.injected) never routes the key back to itself.
+_inner_witness, _m8 = controllability.inner_witness, controllability.m8
+_constructions = dict(_m6.CONSTRUCTIONS)
+_moe_witness = MoEOuter.witness
 
 
 def _uv(r):
@@ -79,7 +86,7 @@ def m3(w, a, a_ctx):
     Raises:
       NotControllableError: a row of ``a`` is zero.
     """
-    return _uv(controllability.inner_witness({"w": w}, a, a_ctx)["w"])
+    return _uv(_inner_witness({"w": w}, a, a_ctx)["w"])
 
 
 def m4(w1, z, z_ctx):
@@ -95,7 +102,7 @@ def m4(w1, z, z_ctx):
     Raises:
       NotControllableError: a row of ``z`` is zero.
     """
-    u, v = _uv(controllability.inner_witness({"w1": w1}, z, z_ctx)["w1"])
+    u, v = _uv(_inner_witness({"w1": w1}, z, z_ctx)["w1"])
     return u, v, controllability.bias_witness(z_ctx - z).d
 
 
@@ -117,7 +124,7 @@ def implicit_steps(w, a):
     Raises:
       NotControllableError: A_0 = 0. ShapeError: w is not [out, in] or a not [n+1, in].
     """
-    s = dynamics.implicit_steps(w, a)
+    s = _implicit_steps(w, a)
     return s.u, s.v, s.lr
 
 
@@ -134,7 +141,7 @@ def gd_step(w, a, i):
     Raises:
       InputError: i outside 1..n. NotControllableError: A_0 = 0.
     """
-    return dynamics.implicit_steps(w, a).gd_step(i)
+    return _implicit_steps(w, a).gd_step(i)
 
 
 # ---- m6 -----------------------------------------------------------------------------------
@@ -161,7 +168,7 @@ def m6a(s, eps, h_ctx, m_ctx, delta):
       NotControllableError: a coordinate of u^C is zero to machine epsilon (|u| <= eps of
       the dtype): no finite witness.
     """
-    return _flat(_m6.m6a(s, eps, h_ctx, m_ctx, delta))
+    return _flat(_constructions["m6a"](s, eps, h_ctx, m_ctx, delta))
 
 
 def m6b(s, eps, h_ctx, m_ctx, delta):
@@ -177,7 +184,7 @@ def m6b(s, eps, h_ctx, m_ctx, delta):
     Raises:
       NotControllableError: an entry of s is zero; a row of h^C is zero.
     """
-    return _flat(_m6.m6b(s, eps, h_ctx, m_ctx, delta))
+    return _flat(_constructions["m6b"](s, eps, h_ctx, m_ctx, delta))
 
 
 def trust_region(s, t):
@@ -209,7 +216,7 @@ def m6c(s, eps, h_ctx, m_ctx, delta):
     Raises:
       NotControllableError: a row of h^C is zero; a nonzero remainder where r = 0.
     """
-    return _flat(_m6.m6c(s, eps, h_ctx, m_ctx, delta))
+    return _flat(_constructions["m6c"](s, eps, h_ctx, m_ctx, delta))
 
 
 def m6d(s, eps, h_ctx, m_ctx, delta):
@@ -226,7 +233,7 @@ def m6d(s, eps, h_ctx, m_ctx, delta):
     Raises:
       NotControllableError: a row of h^C is zero (nothing else: M6d is total).
     """
-    return _flat(_m6.m6d(s, eps, h_ctx, m_ctx, delta))
+    return _flat(_constructions["m6d"](s, eps, h_ctx, m_ctx, delta))
 
 
 # ---- m7 -----------------------------------------------------------------------------------
@@ -303,13 +310,14 @@ def inner_witness(weights, n, n_ctx):
     Then every W maps n to W n^C, so the part computes f(z^C) from z.
 
     Args:
-      weights: dict name -> W [out, in]. n, n_ctx: [T, in] (normalized) inputs without / with context.
+      weights: dict name -> W [out, in], or stacked experts [E, out, in] (MoE).
+      n, n_ctx: [T, in] (normalized) inputs without / with context.
     Returns:
-      dict name -> (u [T, out], v [T, in]), one v for all.
+      dict name -> (u [T, out] (stacked: [T, E, out]), v [T, in]), one v for all.
     Raises:
       NotControllableError: a row of n is zero.
     """
-    return {k: _uv(r) for k, r in controllability.inner_witness(weights, n, n_ctx).items()}
+    return {k: _uv(r) for k, r in _inner_witness(weights, n, n_ctx).items()}
 
 
 def moe_outer_witness(gates, experts, delta, method="one"):
@@ -328,7 +336,7 @@ def moe_outer_witness(gates, experts, delta, method="one"):
       NotControllableError: an expert the witness uses has a zero hidden.
       MethodError: another method.
     """
-    _, patch = MoEOuter().witness(None, {"gates": gates, "experts": experts}, delta, _MOE, method)
+    _, patch = _moe_witness(MoEOuter(), None, {"gates": gates, "experts": experts}, delta, _MOE, method)
     return _uv(patch["experts.down_proj.weight"])
 
 
@@ -347,7 +355,7 @@ def m8(input_witness, output_witness, f, z, z_ctx, delta):
     Returns:
       dict: the union of the two patch dicts.
     """
-    _, patch = controllability.m8(_Inner(input_witness, f), _Outer(output_witness), None, None,
+    _, patch = _m8(_Inner(input_witness, f), _Outer(output_witness), None, None,
                                   z, z_ctx, None, delta)
     return patch
 
