@@ -24,12 +24,20 @@ VALUES = ("x", "a", "z", "h", "out")
 
 
 class Outcome(NamedTuple):
-    """Outputs at the kept tokens: with context (the target), patched, unpatched; the patches."""
+    """Outputs at the kept tokens: with context (the target), patched, unpatched; the patches;
+    for a model, ``streams``: per layer, the patched stream's relative error against X_l^C."""
 
     target: object
     patched: object
     unpatched: object
     patches: object
+    streams: tuple = ()
+
+    @property
+    def stream_err(self):
+        """The worst layer: M7 holds at every layer, not only at the logits (the closed loop's
+        last patch alone would already fix the logits)."""
+        return max(self.streams, default=0.0)
 
     @property
     def err(self):
@@ -107,8 +115,10 @@ def absorb_with(model, tokens, context, m7, block_patch=None, method="auto"):
                              f"{type(patches).__name__} of length {len(patches) if hasattr(patches, '__len__') else '?'}")
     P = Patches(tuple(patches), kept)
     target = model.forward(tok)[kept]
-    return Outcome(target, model.forward(tok[kept], positions=kept, patches=P),
-                   model.forward(tok[kept], positions=kept), list(patches))
+    tp = {}
+    patched = model.forward(tok[kept], positions=kept, patches=P, trace=tp)
+    streams = tuple(rel_err(tp["layers"][l]["out"], lt["out"][kept]) for l, lt in enumerate(tr["layers"]))
+    return Outcome(target, patched, model.forward(tok[kept], positions=kept), list(patches), streams)
 
 
 __all__ = ["Outcome", "block_theorem", "absorb_with", "reference_block_patch", "stream", "kept_of", "rows_of"]
