@@ -56,8 +56,10 @@ def main(argv=None):
     if add_audit is not None:
         add_audit(sub)
     from .experiment import add_parser as add_experiment
+    from .course.cli import add_parsers as add_course
 
     add_experiment(sub)
+    add_course(sub)
     args = parser.parse_args(argv)
     if args.cmd is None:
         return check_main(args)

@@ -14,8 +14,8 @@ Three levels:
   a prefix mask), then :func:`implicit_steps` on every weight M1 patches (the MLP's inner
   reads: ``up_proj`` for vanilla M3 blocks, ``gate_proj``/``up_proj`` for Gemma/Llama, with
   A the normalized MLP input). Exactly M5, for any layer whose input is held fixed.
-- :func:`~minipatch.dynamics_model.model_dynamics` (in :mod:`minipatch.dynamics_model`,
-  re-exported here with :class:`~minipatch.dynamics_model.ModelDynamics` and
+- :func:`~minipatch.dynamics_model.model_dynamics` (in :mod:`minipatch.dynamics_model`, with
+  :class:`~minipatch.dynamics_model.ModelDynamics` and
   :func:`~minipatch.dynamics_model.few_shot_dynamics`): a multi-layer model, prefix by
   prefix with :func:`~minipatch.absorb`; that module's docstring says which part of each
   layer's increment is a gradient step and which is drift.
@@ -32,8 +32,6 @@ from .lemmas import safe_sqnorm
 from .blocks.base import attention_output, mlp_input, project_qkv
 from .ops import attention
 from .patches import Rank1, norm
-# multi-layer and real-model parts, re-exported so `from minipatch.dynamics import ...` keeps working
-from .dynamics_model import ModelDynamics, few_shot_dynamics, model_dynamics  # noqa: F401
 
 
 # ---- M5 for one weight -------------------------------------------------------------------
@@ -207,10 +205,13 @@ def block_dynamics(model, x_ctx, x_query, layer=0, ctx_positions=None, query_pos
     """
     attn, z = prefix_attention(model, x_ctx, x_query, layer, ctx_positions, query_positions)
     p, inner = model.params["layers"][layer], model.spec.inner
-    if type(inner).__name__ == "MoEInner":
-        raise InputError("block_dynamics: MoE blocks patch stacked expert weights; use model_dynamics")
+    weights = {w + ".weight": p[w + ".weight"] for w in inner.reads(p)}
+    stacked = [name for name, w in weights.items() if w.ndim != 2]
+    if stacked:   # what the part reads decides, not its class: M5 is stated for one [out, in] weight
+        raise InputError(f"block_dynamics: {stacked[0]} has shape {tuple(weights[stacked[0]].shape)}, "
+                         "a stack of expert weights; use model_dynamics")
     a = inner.normalize(p, z, model.cfg)
-    return BlockDynamics(attn, a, {w + ".weight": implicit_steps(p[w + ".weight"], a) for w in inner.reads(p)})
+    return BlockDynamics(attn, a, {name: implicit_steps(w, a) for name, w in weights.items()})
 
 
 def first_block_dynamics(model, tokens, query_positions="append"):
@@ -235,4 +236,4 @@ def first_block_dynamics(model, tokens, query_positions="append"):
 
 
 __all__ = ["Steps", "implicit_steps", "prefix_attention", "BlockDynamics", "block_dynamics",
-           "first_block_dynamics", "ModelDynamics", "model_dynamics", "few_shot_dynamics"]
+           "first_block_dynamics"]

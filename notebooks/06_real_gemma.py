@@ -44,7 +44,7 @@ import numpy as np
 from IPython.display import Image, display
 
 import minipatch as mp
-from minipatch.dynamics import few_shot_dynamics
+from minipatch.dynamics_model import few_shot_dynamics
 from minipatch.experiment import format_table, plot, run_experiment
 from minipatch.io.gguf import gemma3_270m_path, read_gguf_metadata
 from minipatch.io.tokenizer import decode, encode, tokenizer_from_gguf

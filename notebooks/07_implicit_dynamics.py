@@ -37,7 +37,8 @@ import numpy as np
 
 from minipatch import lemmas
 from minipatch.blocks import attn_sublayer
-from minipatch.dynamics import first_block_dynamics, model_dynamics
+from minipatch.dynamics import first_block_dynamics
+from minipatch.dynamics_model import model_dynamics
 from minipatch.models import tiny, tiny_gemma
 
 FIG = Path(os.environ.get("MINIPATCH_FIGURES", "../output/figures"))   # build tool: the committed figures/

@@ -9,8 +9,8 @@ from hypothesis import strategies as st
 from minipatch import absorb, lemmas
 from minipatch.backend import to_numpy
 from minipatch.blocks import attn_sublayer
-from minipatch.dynamics import (block_dynamics, first_block_dynamics, implicit_steps, model_dynamics,
-                                prefix_attention)
+from minipatch.dynamics import block_dynamics, first_block_dynamics, implicit_steps, prefix_attention
+from minipatch.dynamics_model import model_dynamics
 from minipatch.errors import InputError, NotControllableError, ShapeError
 from minipatch.models import tiny, tiny_gemma
 from minipatch.patches import Rank1
@@ -189,13 +189,17 @@ def test_bad_input():
     s = implicit_steps(np.ones((3, 4)), np.ones((2, 4)))
     with pytest.raises(InputError):
         s.loss_matrix(0)
+    moe = tiny("mixtral", n_layers=1)                 # stacked expert weights: one-block M5 does not apply
+    xm = moe.embed(_tokens(4), np.arange(4))
+    with pytest.raises(InputError, match="stack of expert weights"):
+        block_dynamics(moe, xm[:3], xm[3])
 
 
 @pytest.mark.real
 def test_real_few_shot(real_gemma):
     """Real Gemma 3 270M: a few-shot prompt consumed example by example."""
     model, encode = real_gemma
-    from minipatch.dynamics import few_shot_dynamics
+    from minipatch.dynamics_model import few_shot_dynamics
 
     ex = [f"Q: {a}+{b}? A: {a + b}\n" for a, b in [(2, 3), (4, 1), (3, 3), (5, 2)]]
     md, bounds = few_shot_dynamics(model, encode, ex, "Q: 1+6? A:")
