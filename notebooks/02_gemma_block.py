@@ -358,7 +358,9 @@ ref_w = wide.forward(tok_w)[kept_w]
 wide_err = {}
 for meth in METHODS:
     for dt, mdl in (("float64", wide), ("float32", wide32)):
-        res = minipatch.absorb(mdl, tok_w, ctx_w, method=meth)
+        # open loop: each layer's patch built on the with-context stream (MATH.md M7, order of
+        # construction); the default closed loop cancels the drift this amplifies (notebook 06)
+        res = minipatch.absorb(mdl, tok_w, ctx_w, method=meth, order="open")
         wide_err[(dt, meth)] = rel(minipatch.patched_forward(mdl, tok_w, res), ref_w)
 wide_err[("float32", "unpatched")] = rel(wide32.forward(tok_w[kept_w], positions=kept_w), ref_w)
 print("wide model, logits at kept positions, rel err:")
