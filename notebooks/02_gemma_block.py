@@ -452,8 +452,7 @@ for meth in ("m6b", "m6c", "m6d"):
     gap, _ = check_output_controllable(spec.outer, lp_dead, cfg, h_c, delta, meth)
     print(f"{meth}: max |g'(h) - (g(h) + delta)| = {gap:.1e}")
     assert gap <= 1e-12
-name, _ = m6.construct("auto", s, eps, h_c, linear(lp_dead, "down_proj", h_c), delta,
-                       down="down_proj.weight", norm="mlp_post_norm.weight")
+name, _ = m6.construct("auto", s, eps, h_c, linear(lp_dead, "down_proj", h_c), delta)
 print("method='auto' uses", name)
 assert name == "m6d" and np.all(lp["down_proj.weight"][0] != 0)
 
@@ -497,15 +496,14 @@ def post_norm_errors(s_vec, h_, W_, delta_, noise=1e-13):
         for dt, hh in ((np.float64, h_noisy), (np.float32, h_)):
             sd, hd, Wd, dd = (a.astype(dt) for a in (s_vec, hh, W_, delta_))
             try:
-                pt = m6.CONSTRUCTIONS[meth](sd, eps, h_.astype(dt), h_.astype(dt) @ Wd.T, dd,
-                                            down="d", norm="n")
+                pt = m6.CONSTRUCTIONS[meth](sd, eps, h_.astype(dt), h_.astype(dt) @ Wd.T, dd)
             except NotControllableError as e:
                 out[meth] = f"NotControllableError: {e.quantity}"
                 break
-            m_ = pt["d"].apply(hd, hd @ Wd.T) if "d" in pt else hd @ Wd.T
-            got = pt["n"].multiplier(sd) * rms_unit(m_, eps)
+            m_ = pt.down.apply(hd, hd @ Wd.T) if pt.down is not None else hd @ Wd.T
+            got = pt.scale.multiplier(sd) * rms_unit(m_, eps)
             if dt is np.float64:
-                row.append(float(np.max(np.abs(pt["n"].multiplier(sd) - sd))))
+                row.append(float(np.max(np.abs(pt.scale.multiplier(sd) - sd))))
             row.append(rel(got, t_))
         else:
             out[meth] = tuple(row)
@@ -530,8 +528,7 @@ for case in (tt, tz):
     assert case["m6d"][1] <= 1e-12 < case["m6c"][1]                             # M6c amplifies the 1e-13
     assert case["m6d"][0] < case["m6c"][0] / 10                                 # its scale patch is large
     assert case["m6d"][2] <= 1e-4                                               # M6d in float32
-assert m6.construct("auto", s_zero, eps, *(lambda h_, W_, d_: (h_, h_ @ W_.T, d_))(*post_norm_case(s_zero)),
-                    down="d", norm="n")[0] == "m6d"
+assert m6.construct("auto", s_zero, eps, *(lambda h_, W_, d_: (h_, h_ @ W_.T, d_))(*post_norm_case(s_zero)))[0] == "m6d"
 
 # %% [markdown]
 # ## M6c's trust-region subproblem
