@@ -117,7 +117,7 @@ class Model:
           tokens: int [T]. positions: int [T] strictly increasing (default 0..T-1).
           patches: :class:`~minipatch.patches.Patches` for exactly these positions.
           trace: optional dict, filled with ``embed``, ``layers`` (per-layer dicts of x, a, z,
-            h, d, m, out), ``hidden_states`` (HF layout: [0] embedding, [i] after layer i,
+            h, d, m, out and o, the o_proj output), ``hidden_states`` (HF layout: [0] embedding, [i] after layer i,
             [L] after the final norm) and ``final``.
           window_by: 'position' (a sliding window counts original positions, the meaning of
             "context removed") or 'index' (Hugging Face's sequence-index convention).
@@ -154,7 +154,7 @@ class Model:
             if not all_finite(ml.out):
                 check_values(dict(x=x, a=at.a, z=at.z, h=ml.h, d=ml.d, m=ml.m, out=ml.out), l, to_numpy(pos))
             if trace is not None:
-                rows.append(dict(x=x, a=at.a, z=at.z, h=ml.h, d=ml.d, m=ml.m, out=ml.out))
+                rows.append(dict(x=x, a=at.a, z=at.z, h=ml.h, d=ml.d, m=ml.m, out=ml.out, o=at.o))
                 hidden.append(ml.out)
             kvs.append((at.k, at.v))
             x = ml.out

@@ -27,7 +27,9 @@ from minipatch.errors import MinipatchError, ModelFileError
 pytestmark = pytest.mark.audit
 
 JSON_KEYS = {"arch", "logits_max_abs_err", "logits_max_rel_err", "first_divergent_layer",
+             "first_divergent_sublayer", "sublayer_rel_err", "sublayer_before", "sublayer_rel_err_before",
              "absorb_max_rel_err_self", "absorb_max_rel_err_reference", "unpatched_max_rel_err", "ok"}
+EXTRA_KEYS = {"hidden_state_rel_errs", "sublayer_rel_errs", "notes"}
 THEOREM_KEYS = ("absorb_max_rel_err_self", "absorb_max_rel_err_reference", "unpatched_max_rel_err")
 
 
@@ -59,7 +61,7 @@ def test_true_fp64_reference_agrees_to_rounding(name, capsys):
     """The true-fp64 reference passes even at rtol 1e-12; theorem holds; control is large."""
     folder = fixture(name)
     rc, r, _ = cli(capsys, folder, folder / "reference.npz", "--rtol", "1e-12")
-    assert set(r) - {"hidden_state_rel_errs"} == JSON_KEYS and set(KEYS) == JSON_KEYS
+    assert set(r) - EXTRA_KEYS == JSON_KEYS and set(KEYS) == JSON_KEYS
     assert rc == 0 and r["ok"] is True
     assert r["arch"] in ("gemma3", "llama")
     assert r["logits_max_rel_err"] <= 1e-12 and r["first_divergent_layer"] is None
@@ -180,7 +182,8 @@ def _bad_cases(ref):
     return {
         "no input_ids": (dict(logits=lg), "missing key 'input_ids'"),
         "no logits": (dict(input_ids=ids), "missing key 'logits'"),
-        "batched input_ids": (dict(input_ids=ids[None], logits=lg[None]), "input_ids must be a 1-D"),
+        "batch of two": (dict(input_ids=np.stack([ids, ids]), logits=np.stack([lg, lg])), "a batch of 2 sequences"),
+        "3-D ids": (dict(input_ids=ids[None, None], logits=lg), "input_ids must be a 1-D"),
         "T mismatch": (dict(input_ids=ids, logits=lg[:-1]), "do not fit [T], [T, V]"),
         "wrong vocab": (dict(input_ids=ids, logits=lg[:, :100]), "reference has 100 logits per token"),
         "hidden T": (dict(input_ids=ids, logits=lg, hidden_states=hs[:, :-1]), "is not [L+1, T, D]"),

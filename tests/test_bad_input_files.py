@@ -512,10 +512,10 @@ def test_declared_shapes_bounded_by_the_model_before_inflating(tmp_path, mistral
 
 
 def test_reference_larger_than_memory(tmp_path, mistral_ref, monkeypatch, capsys):
-    import minipatch.audit as audit_mod
+    import minipatch.npzfile as npzfile
 
     path = _npz(tmp_path / "r.npz", input_ids=mistral_ref["input_ids"], logits=mistral_ref["logits"])
-    monkeypatch.setattr(audit_mod, "_physical_memory", lambda: 4096)
+    monkeypatch.setattr(npzfile, "physical_memory", lambda: 4096)
     with pytest.raises(ModelFileError, match="cannot be read"):
         read_reference(path)
     rc = main(["audit", str(FIXTURES / "mistral"), "--reference", str(path), "--json"])

@@ -68,9 +68,15 @@ def project_qkv(p, x, cfg, layer, positions, patch=None):
 def attention_output(spec, p, o, cfg, patch=None):
     """From the heads' outputs o [T, N, H] to the sublayer output a [T, D]: o_proj, then the
     post-attention norm where the family has one (Gemma, OLMo 2)."""
+    return attention_parts(spec, p, o, cfg, patch)[1]
+
+
+def attention_parts(spec, p, o, cfg, patch=None):
+    """(o_proj output [T, D], sublayer output a [T, D]): the two differ only where the family
+    has a post-attention norm (Gemma, OLMo 2)."""
     xp = namespace(o)
     a = linear(p, "o_proj", xp.reshape(o, (o.shape[0], o.shape[1] * o.shape[2])), patch)
-    return norm(p, "attn_post_norm", a, cfg, patch) if spec.attn_post_norm else a
+    return a, (norm(p, "attn_post_norm", a, cfg, patch) if spec.attn_post_norm else a)
 
 
 def mlp_input(spec, p, x, a, cfg, patch=None):
@@ -89,13 +95,14 @@ class AttnValues(NamedTuple):
 
     z: [T, D] the MLP input. a: [T, D] the attention output (after o_proj and any
     post-attention norm). k, v: [T, K, H] these tokens' keys (after k-norm and RoPE) and
-    values, for a KV cache.
+    values, for a KV cache. o: [T, D] the o_proj output (a before any post-attention norm).
     """
 
     z: object
     a: object
     k: object
     v: object
+    o: object = None
 
 
 class KV(NamedTuple):
@@ -130,8 +137,8 @@ def attention_values(spec, p, x, cfg, layer, positions, patch=None, index=None, 
         kidx = None if index is None else xp.concat([past.idx, index], axis=0)
     o = causal_attention(q, kk, vv, positions, kpos, cfg.score_scale, cfg.window(layer),
                          index, kidx, cfg.attn_softcap)
-    a = attention_output(spec, p, o, cfg, patch)
-    return AttnValues(mlp_input(spec, p, x, a, cfg, patch), a, k, v)
+    o_lin, a = attention_parts(spec, p, o, cfg, patch)
+    return AttnValues(mlp_input(spec, p, x, a, cfg, patch), a, k, v, o_lin)
 
 
 def attn_sublayer(spec, p, x, cfg, layer, positions, patch=None, trace=None, index=None):
@@ -232,6 +239,6 @@ def layer_shapes(spec, cfg):
     return {**s, **spec.inner.shapes(cfg), **spec.outer.shapes(cfg)}
 
 
-__all__ = ["BlockSpec", "AttnValues", "KV", "MLPValues", "project_qkv", "attention_output", "mlp_input",
-           "attention_values", "attn_sublayer", "mlp_values", "block_forward", "layer_patch", "layer_shapes",
+__all__ = ["BlockSpec", "AttnValues", "KV", "MLPValues", "project_qkv", "attention_output", "attention_parts",
+           "mlp_input", "attention_values", "attn_sublayer", "mlp_values", "block_forward", "layer_patch", "layer_shapes",
            "take_rows"]
