@@ -4,6 +4,8 @@
     python -m minipatch --quick          # the Gemma checks only
     python -m minipatch --figures DIR    # where the figure goes (default $MINIPATCH_FIGURES or output/figures)
     python -m minipatch audit PATH --reference REF.npz [--json] [--rtol R]
+    python -m minipatch reference CHECKPOINT --out REF.npz --tokens 2,17,... [--stock]
+    python -m minipatch verify-patches CHECKPOINT PATCHES.npz [--tokens ...] [--json]
     python -m minipatch experiment [--n-new 20] [--prompts 1,2] [--json out.json] [--figure F]
 
 Each row is "pass", "FAIL" or "info" (a construction expected to miss the bar because a
@@ -55,6 +57,9 @@ def main(argv=None):
         add_audit = None
     if add_audit is not None:
         add_audit(sub)
+        from .audit import add_kit_parsers      # reference, verify-patches
+
+        add_kit_parsers(sub)
     from .experiment import add_parser as add_experiment
     from .course.cli import add_parsers as add_course
 

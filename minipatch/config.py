@@ -47,6 +47,7 @@ class ModelConfig:
     # MLP
     act: str = "gelu_tanh"          # 'gelu_tanh' | 'gelu' | 'silu' | 'relu'
     mlp_bias: bool = False
+    mlp_depth: int = 2              # linear layers in the MLP; > 2 for vanilla / GPT-2 blocks (MATH.md M8)
     # attention
     attn_bias: bool = False         # q/k/v biases
     o_bias: bool = False
@@ -94,6 +95,8 @@ class ModelConfig:
         return dataclasses.replace(self, **kw)
 
 
+DEEP_FAMILIES = ("vanilla_m3", "vanilla_m4", "gpt2")
+"""Families whose MLP may have any depth (``mlp_depth``; minipatch.deep)."""
 NORMS = ("rms", "layer")
 QK_NORMS = ("none", "head", "full")
 ACTS = ("gelu_tanh", "gelu", "silu", "relu")
@@ -139,6 +142,7 @@ def _validate(c):
         integer(name)
     for name in ("n_experts", "top_k", "d_ff_shared"):
         integer(name, lo=0)
+    integer("mlp_depth", lo=2)
     integer("sliding_window", none_ok=True)
     integer("rotary_dim", none_ok=True)
     choice("norm", NORMS)
@@ -171,5 +175,7 @@ def _validate(c):
     rd = c.rotary_dim or c.d_head
     if c.pos_embedding == "rope" and (rd % 2 or rd > c.d_head):
         fail("rotary_dim", f"must be even and at most d_head = {c.d_head} (rotary dim {rd})")
+    if c.mlp_depth != 2 and c.family not in DEEP_FAMILIES:
+        fail("mlp_depth", f"an MLP of another depth than 2 is declared for {DEEP_FAMILIES} only")
     if c.n_experts and not 0 < c.top_k <= c.n_experts:
         fail("top_k", f"must be in 1..n_experts = {c.n_experts}")

@@ -107,3 +107,8 @@ class NonFiniteError(MinipatchError, ValueError):
 
 class PatchMismatchError(InputError):
     """Patches applied to a model, positions, convention or dtype they were not made for."""
+
+
+class MissingDependencyError(MinipatchError, ImportError):
+    """An optional extra is not installed (e.g. torch and transformers for ``reference``);
+    the message names the ``pip install`` command."""

@@ -142,9 +142,10 @@ class Model:
         check_patches(patches, self, pos_host, window_by)
         return patches.layers
 
-    def _stack(self, x, pos, layers, index, cache, trace):
+    def _stack(self, x, pos, layers, index, cache, trace, final=True):
         """Every block on x [T, D] (after the cached tokens of ``cache``, a :class:`Cache` or
-        None); returns (final normed hidden [T, D], per-layer (k, v) of these tokens)."""
+        None); returns (final normed hidden [T, D], per-layer (k, v) of these tokens).
+        ``final=False``: the last block's output instead, without the final norm (streams)."""
         kvs, rows, hidden = [], [], [x]
         for l, lp in enumerate(self.params["layers"]):
             patch = layers[l] if layers is not None else None
@@ -158,6 +159,10 @@ class Model:
                 hidden.append(ml.out)
             kvs.append((at.k, at.v))
             x = ml.out
+        if not final:
+            if trace is not None:
+                trace.update(embed=hidden[0], layers=rows, hidden_states=hidden, final=x, final_prenorm=x)
+            return x, kvs
         xf = norm(self.params, "final_norm", x, self.cfg)
         if not all_finite(xf):
             raise NonFiniteError("final norm output", position=int(to_numpy(pos)[first_row(xf)]),
@@ -333,7 +338,7 @@ def check_patches(patches, model, positions, window_by="position"):
 
 def _check_patch_shapes(patches, model):
     """Every patched parameter exists in its layer, and every factor has that parameter's widths."""
-    from .patches import Rank1, Scale, Shift
+    from .patches import PATCHED_NORMS, Dense, Rank1, Scale, Shift, patch_kind_ok
 
     for l, lp in enumerate(patches.layers):
         params = model.params["layers"][l]
@@ -343,14 +348,19 @@ def _check_patch_shapes(patches, model):
                 raise ShapeError(f"patch of layer {l} names {name!r}, which this {model.cfg.family} layer "
                                  f"does not have (patches made for another family?)")
             shape = tuple(w.shape)
+            if not patch_kind_ok(name, p):
+                raise InputError(f"a {type(p).__name__} patch of {name!r} in layer {l}: the forward applies "
+                                 "Rank1/Dense patches to linear weights, Shift to their biases and Scale to "
+                                 f"the norms {', '.join(PATCHED_NORMS)} only")
             if isinstance(p, Rank1):
                 want = [("u", p.u, shape[:-1]), ("v", p.v, shape[-1:])]
-            elif isinstance(p, Shift):
+            elif isinstance(p, (Shift, Dense)):
                 want = [("d", p.d, shape)]
             elif isinstance(p, Scale):
                 want = [("add", p.add, shape), ("mul", p.mul, (1,))]
             else:
-                raise InputError(f"patch of {name!r} in layer {l} is a {type(p).__name__}, not Rank1/Shift/Scale")
+                raise InputError(f"patch of {name!r} in layer {l} is a {type(p).__name__}, not "
+                                 "Rank1/Dense/Shift/Scale")
             for field, a, tail in want:
                 if a is None:
                     continue

@@ -14,6 +14,19 @@ from dataclasses import dataclass
 from .backend import namespace, to_numpy
 from .errors import ShapeError
 
+PATCHED_NORMS = ("attn_post_norm.weight", "mlp_post_norm.weight", "attn_res_norm.weight", "mlp_res_norm.weight")
+"""The norm multipliers the forward applies a :class:`Scale` patch to (every other norm reads none)."""
+
+
+def patch_kind_ok(name, patch):
+    """True if the forward applies ``patch`` to the parameter ``name``: Rank1 / Dense on a linear
+    weight, Shift on a linear bias, Scale on one of :data:`PATCHED_NORMS`."""
+    if "norm" in name:
+        return isinstance(patch, Scale) and name in PATCHED_NORMS
+    if name.endswith(".bias"):
+        return isinstance(patch, Shift)
+    return name.endswith(".weight") and isinstance(patch, (Rank1, Dense))
+
 
 @dataclass(frozen=True)
 class Rank1:
@@ -50,6 +63,32 @@ class Rank1:
     @property
     def n_tokens(self):
         return self.u.shape[0]
+
+
+@dataclass(frozen=True)
+class Dense:
+    """Token-dependent dense weight patch dW_t, of any rank (another implementation's patches,
+    read from a patch file; minipatch's own constructions are :class:`Rank1`).
+
+    Applied to inputs x [T, in] (or [T, E, in] for experts): x W^T + dW_t x, cost O(T out in).
+
+    Attributes:
+      d: [T, out, in] or [T, E, out, in].
+    """
+
+    d: object
+
+    def apply(self, x, y):
+        xp = namespace(x, self.d)
+        shape = (x.shape[0],) + (1,) * (self.d.ndim - x.ndim - 1) + tuple(x.shape[1:-1]) + (1, x.shape[-1])
+        return y + xp.sum(self.d * xp.reshape(x, shape), axis=-1)
+
+    def dense(self, t):
+        return self.d[t, ...]
+
+    @property
+    def n_tokens(self):
+        return self.d.shape[0]
 
 
 @dataclass(frozen=True)
@@ -116,6 +155,20 @@ class Patches:
     def __len__(self):
         return len(self.layers)
 
+    def save(self, path, context=None, input_ids=None, window_by=None):
+        """Write these patches as a patch file (FORMATS.md; :func:`minipatch.patchfile.save_patches`)."""
+        from .patchfile import save_patches
+
+        return save_patches(self, path, context, input_ids, window_by)
+
+    @classmethod
+    def load(cls, path, model=None):
+        """Read a patch file (FORMATS.md) without unpickling; with ``model``, every name and shape is
+        checked against it before any data is read (:func:`minipatch.patchfile.load_patches`)."""
+        from .patchfile import load_patches
+
+        return load_patches(path, model).patches
+
     def check(self, n_layers, n_tokens):
         if len(self.layers) != n_layers:
             raise ShapeError(f"patches have {len(self.layers)} layers, the model has {n_layers}")
@@ -153,7 +206,7 @@ class Patches:
                     nu = np.linalg.norm(u, axis=-1)
                     nv = np.linalg.norm(v, axis=-1)
                     row[name] = np.sqrt(np.sum((nu * nv) ** 2, axis=tuple(range(1, nu.ndim))))
-                elif isinstance(p, Shift):
+                elif isinstance(p, (Shift, Dense)):
                     row[name] = np.linalg.norm(to_numpy(p.d).reshape(p.n_tokens, -1), axis=-1)
                 else:
                     parts = [to_numpy(a).reshape(p.n_tokens, -1) for a in (p.add, p.mul) if a is not None]

@@ -15,6 +15,9 @@
 | vanilla_m3    | noskip     | W, act (Dherin et al. M3)           | none needed                   |                      |
 | vanilla_m4    | sequential | W_1, act                            | b_2 += delta (M4)             |                      |
 
+With ``cfg.mlp_depth`` > 2 (vanilla_m3, vanilla_m4, gpt2) the outer part is the rest of the MLP
+(``minipatch.deep.DeepOuter``): its witness is M2 on the last layer, or the bias shift for M4.
+
 Attention-side differences (q/k norms per head or over all heads, biases, partial or
 interleaved RoPE, sliding windows, soft-capping) live in the config, not here: they change
 the attention sublayer, which the theorem only reads through its outputs.
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 from ..controllability import BiasOuter, GatedInner, LinearInner, LinearOuter, RMSPostNormOuter
 from ..experts import MoEInner, MoEOuter
+from ..deep import deep_outer
 from ..errors import UnsupportedArchitectureError
 from .base import BlockSpec
 
@@ -37,7 +41,7 @@ def llama(cfg):
 
 
 def gpt2(cfg):
-    return BlockSpec("sequential", LinearInner("mlp_norm", act=cfg.act), LinearOuter())
+    return BlockSpec("sequential", LinearInner("mlp_norm", act=cfg.act), deep_outer(cfg) or LinearOuter())
 
 
 def olmo2(cfg):
@@ -66,11 +70,12 @@ def moe(cfg):
 
 
 def vanilla_m3(cfg):
-    return BlockSpec("noskip", LinearInner(None, act=cfg.act), LinearOuter(), attn_pre_norm=False)
+    return BlockSpec("noskip", LinearInner(None, act=cfg.act), deep_outer(cfg) or LinearOuter(), attn_pre_norm=False)
 
 
 def vanilla_m4(cfg):
-    return BlockSpec("sequential", LinearInner(None, act=cfg.act), BiasOuter(), attn_pre_norm=False)
+    return BlockSpec("sequential", LinearInner(None, act=cfg.act), deep_outer(cfg, prefer_bias=True) or BiasOuter(),
+                     attn_pre_norm=False)
 
 
 FAMILY_SPECS = {

@@ -1,0 +1,127 @@
+"""``python -m minipatch verify-patches CHECKPOINT PATCHES.npz``: check another implementation's patches.
+
+    python -m minipatch verify-patches CKPT PATCHES.npz --tokens 2,17,33,...   # or --tokens REF.npz
+    python -m minipatch verify-patches CKPT PATCHES.npz --json
+
+PATCHES.npz is a patch file (FORMATS.md, :mod:`minipatch.patchfile`); the tokens are the
+with-context sequence (``--tokens``, else the file's ``input_ids``), the context the file's
+``context`` (else ``--context``, else every position not kept). Patches of another floating
+dtype than the model's are cast to it (exact from float32 to float64) with a note. What is
+checked and the verdicts: :mod:`minipatch.audit.verify`. Exit status as ``audit``: 0 ok, 1 not
+ok, 2 bad input (a named error).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import InputError, MinipatchError, ModelFileError
+from ..patches import Patches
+from .cli import fail
+from .sublayers import describe
+from .verify import verify
+
+KEYS = ("arch", "ok", "verdict", "logits_max_rel_err", "unpatched_max_rel_err", "control_ok",
+        "first_divergent_layer", "first_divergent_sublayer", "sublayer_rel_err", "sublayer_before",
+        "sublayer_rel_err_before", "culprit", "max_rank", "rank_ok", "layers", "hidden_state_rel_errs",
+        "sublayer_rel_errs", "notes")
+"""The keys of ``--json`` (always present; null where a check does not apply)."""
+
+
+def cast(patches, dtype):
+    """The patches with every array cast to ``dtype`` (numpy)."""
+    def conv(p):
+        return type(p)(*[None if a is None else np.asarray(a).astype(dtype) for a in vars(p).values()])
+
+    return Patches(tuple({k: conv(p) for k, p in lp.items()} for lp in patches.layers), patches.positions,
+                   patches.methods, patches.origin)
+
+
+def verify_file(checkpoint, patch_path, tokens=None, context=None, dtype="float64", rtol=1e-9, patch_rtol=1e-6,
+                method="auto"):
+    """Load the model and the patch file, then :func:`~minipatch.audit.verify.verify`; returns
+    the result dict (with ``path``, ``patches``, ``dtype`` and ``notes``)."""
+    from .. import load
+    from ..hf_reference import parse_positions
+    from ..patchfile import load_patches
+    from .reference_cli import read_tokens
+
+    model = load(checkpoint, dtype=dtype)
+    got = load_patches(patch_path, model)
+    notes = []
+    ids = read_tokens(tokens) if tokens is not None else got.input_ids
+    if ids is None:
+        raise InputError(f"{patch_path} has no input_ids: pass --tokens (the with-context token ids)")
+    if tokens is not None and got.input_ids is not None and not np.array_equal(ids, got.input_ids):
+        raise InputError(f"--tokens differ from the input_ids stored in {patch_path}")
+    ctx = got.context if got.context is not None else (None if context is None else parse_positions(context))
+    patches = got.patches
+    if got.dtype is not None and got.dtype != np.dtype(dtype):
+        notes.append(f"the patches are {got.dtype}; cast to the model's {dtype}")
+        patches = cast(patches, np.dtype(dtype))
+    r = verify(model, ids, patches, ctx, got.window_by, rtol, patch_rtol, method)
+    r.update(path=str(checkpoint), patches=str(patch_path), dtype=str(dtype), notes=notes)
+    return r
+
+
+def format_report(r):
+    """The verification ``r`` as a short human-readable report (str)."""
+    f = lambda v: "-" if v is None else f"{v:.1e}"
+    lines = [f"verify-patches {r['patches']} on {r['path']} ({r['arch']}, {r['dtype']}, rtol {r['rtol']:g}, "
+             f"kept {len(r['kept_positions'])}, context {len(r['context_positions'])})",
+             f"  {r['output']}: patched vs with-context {f(r['logits_max_rel_err'])}; unpatched (control) "
+             f"{f(r['unpatched_max_rel_err'])}",
+             "  hidden states (rel err): " + " ".join(f"{i}:{e:.1e}" for i, e in enumerate(r["hidden_state_rel_errs"]))]
+    fs = r["first_divergent_sublayer"]
+    if fs is None:
+        lines.append("  first divergent sublayer: none")
+    else:
+        before = r["sublayer_before"]
+        prev = "" if before is None else f" (just before, {describe(dict(before, rel_err=0))}: {f(r['sublayer_rel_err_before'])})"
+        lines.append(f"  first divergent sublayer: {describe(dict(fs, rel_err=0))}: {f(r['sublayer_rel_err'])}{prev}")
+    lines.append(f"  max rank of a weight patch: {r['max_rank']}")
+    for lay in r["layers"]:
+        ranks = ", ".join(f"{k} (rank {v['rank']})" if v["rank"] is not None else k for k, v in lay["params"].items())
+        lines.append(f"  layer {lay['layer']}: {lay['verdict']} [{ranks}]")
+    for note in r["notes"]:
+        lines.append(f"  note: {note}")
+    lines.append(f"  verdict: {r['verdict']}")
+    lines.append("  OK" if r["ok"] else "  NOT OK")
+    return "\n".join(lines)
+
+
+def add_parser(sub):
+    """Register the ``verify-patches`` subcommand."""
+    p = sub.add_parser("verify-patches", help="check another implementation's patch file on a checkpoint")
+    p.add_argument("checkpoint", help="Hugging Face checkpoint folder or .gguf file")
+    p.add_argument("patches", help="patch file (.npz, FORMATS.md)")
+    p.add_argument("--tokens", help="with-context token ids '2,17,...' or an .npz with input_ids "
+                                    "(default: the patch file's input_ids)")
+    p.add_argument("--context", help="absorbed positions 'start:stop' or '1,2' (default: the file's, else the rest)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--rtol", type=float, default=1e-9, help="bar for streams and logits (default 1e-9)")
+    p.add_argument("--patch-rtol", type=float, default=1e-6,
+                   help="bar for a patch to equal one of minipatch's constructions (default 1e-6)")
+    p.add_argument("--dtype", default="float64", choices=("float64", "float32"))
+    p.set_defaults(func=run)
+    return p
+
+
+def run(args):
+    """Run ``verify-patches``: exit status 0 if ok, 1 if not ok, 2 on bad input."""
+    try:
+        try:
+            r = verify_file(Path(args.checkpoint), Path(args.patches), args.tokens, args.context, args.dtype,
+                            args.rtol, args.patch_rtol)
+        except MemoryError:
+            raise ModelFileError(f"{args.patches}: verifying these patches needs more memory than this machine "
+                                 "has") from None
+    except (MinipatchError, OSError, ValueError) as e:
+        return fail(args, "verify-patches", e)
+    if args.json:
+        print(json.dumps({k: r[k] for k in KEYS}))
+    else:
+        print(format_report(r))
+    return 0 if r["ok"] else 1
