@@ -180,7 +180,7 @@ def load_hf_model(folder, model_type, dtype="float64"):
     try:
         model = transformers.AutoModelForCausalLM.from_pretrained(
             folder, dtype=getattr(torch, dtype), attn_implementation="eager", trust_remote_code=False, **extra)
-    except (OSError, ValueError, KeyError, RuntimeError) as e:
+    except Exception as e:       # any failure of transformers on these files (SafetensorError, ...)
         raise ModelFileError(f"{folder}: transformers cannot load it ({type(e).__name__}: {e})") from None
     return model.eval()
 

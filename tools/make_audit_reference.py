@@ -6,7 +6,8 @@ Run with the reference venv (torch 2.13.0+cpu, transformers 5.23.0):
 
 For each tiny fixture model (default: ``gemma3_text`` and ``llama`` in tests/fixtures/) it loads the
 checkpoint with the stock ``from_pretrained(folder, dtype=torch.float64, attn_implementation="eager")``,
-with NO runtime patches, runs ``model(ids, attention_mask=ones, use_cache=False,
+with NO runtime patches (``minipatch.hf_reference.make_reference(..., stock=True)``, the forward of
+``python -m minipatch reference --stock``), runs ``model(ids, attention_mask=ones, use_cache=False,
 output_hidden_states=True)`` on the fixture's ``input_ids`` and writes
 ``tests/fixtures/<name>/reference_stock_fp64.npz`` (next to its model) with
 ``input_ids`` [T], ``logits`` [T, V], ``hidden_states`` [L+1, T, D] (HF layout) and
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import json
 import os
 import sys
 
@@ -34,7 +36,9 @@ from pathlib import Path
 import numpy as np
 import torch
 import transformers
-from transformers import AutoModelForCausalLM
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # this checkout's minipatch
+from minipatch.hf_reference import make_reference  # noqa: E402
 
 torch.set_num_threads(1)
 torch.use_deterministic_algorithms(True)
@@ -52,23 +56,22 @@ def source_folder(name):
 
 
 def stock_fp64(folder):
-    """Stock HF float64 forward of the fixture's input_ids: (arrays to save, summary dict)."""
+    """Stock HF float64 forward of the fixture's input_ids: (arrays to save, summary dict).
+
+    The forward is the package's (``minipatch.hf_reference.make_reference(..., stock=True)``, the
+    machinery of ``python -m minipatch reference --stock``); these files keep its four core keys.
+    """
     with np.load(folder / "reference.npz", allow_pickle=False) as z:
         ref = {k: z[k] for k in z.files}
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float64,
-                                                 attn_implementation="eager").eval()
-    ids = torch.from_numpy(ref["input_ids"])[None]
-    with torch.no_grad():
-        out = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False,
-                    output_hidden_states=True)
-    logits = out.logits[0].numpy().astype(np.float64)
-    hs = torch.stack(out.hidden_states)[:, 0].numpy().astype(np.float64)
+    made = make_reference(folder, ref["input_ids"], context=ref["context_positions"], stock=True)
+    logits, hs = made["logits"], made["hidden_states"]
     arrays = {"input_ids": ref["input_ids"].astype(np.int64), "logits": logits, "hidden_states": hs,
               "context_positions": ref["context_positions"].astype(np.int64)}
     scale = np.max(np.abs(ref["logits"]))
     summary = {
-        "class": type(model).__name__,
-        "logits_dtype": str(out.logits.dtype),
+        "class": json.loads((folder / "config.json").read_text())["architectures"][0],
+        "logits_dtype": str(logits.dtype),
+        "islands": [str(s) for s in made["islands"]],
         "same_as_fixture_logits_stock": bool(np.array_equal(logits, ref.get("logits_stock", logits * np.nan))),
         "vs_true_fp64_logits_rel": float(np.max(np.abs(logits - ref["logits"])) / scale),
         "vs_true_fp64_hidden_rel": [float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
@@ -97,6 +100,7 @@ def main(argv=None):
         save_npz(path, arrays)
         print(f"{path} ({path.stat().st_size} bytes): {s['class']}, logits {s['logits_dtype']}, "
               f"identical to fixture logits_stock: {s['same_as_fixture_logits_stock']}")
+        print("  float32 islands: " + "; ".join(s["islands"]))
         print(f"  vs true fp64: logits rel {s['vs_true_fp64_logits_rel']:.2e}; hidden states rel "
               + " ".join(f"{i}:{e:.1e}" for i, e in enumerate(s["vs_true_fp64_hidden_rel"])))
     return 0

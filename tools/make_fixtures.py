@@ -6,21 +6,19 @@ Run with the reference venv (torch 2.13.0+cpu, transformers 5.23.0, numpy 2.4.6)
 
 For each family it writes tests/fixtures/<name>/{config.json, model.safetensors, reference.npz, meta.json}.
 The procedure is the one of tests/fixtures/HF_FIXTURES.md (perturbation rule, input ids, kept-only runs,
-true float64 by runtime patches, dtype census); see tests/fixtures/MORE_FAMILIES.md for the results.
+true float64, dtype census); true float64 now comes from minipatch.hf_reference (float32 requests raised)
+rather than the source patches the committed fixtures record in meta.json ("patches_applied"); see tests/fixtures/MORE_FAMILIES.md for the results.
 The build is deterministic.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import inspect
 import json
 import math
 import os
 import shutil
 import sys
-import textwrap
 import time
 from collections import Counter
 from pathlib import Path
@@ -32,6 +30,9 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AutoConfig, AutoModelForCausalLM
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # this checkout's minipatch
+from minipatch.hf_reference import float64_islands, load_hf_model  # noqa: E402
 
 torch.set_num_threads(1)
 torch.use_deterministic_algorithms(True)
@@ -99,107 +100,11 @@ FAMILIES = {
 }
 
 
-# --------------------------------------------------------------------------- true-fp64 patches
-def _mod(family):
-    return sys.modules[f"transformers.models.{family}.modeling_{family}"]
-
-
-RMS_LLAMA = [("hidden_states = hidden_states.to(torch.float32)", "hidden_states = hidden_states")]
-ROPE = [("position_ids[..., None].float()", "position_ids[..., None].to(x.dtype)"),
-        ("dtype=torch.float)", "dtype=x.dtype)")]
-SOFTMAX = [("dtype=torch.float32)", "dtype=query.dtype)")]
-
-
-def patch_specs(family):
-    """[(owner name in modeling module, attribute, [(old, new), ...])]: stock source, input dtype."""
-    cap = {"mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3", "olmo2": "Olmo2",
-           "gemma2": "Gemma2", "mixtral": "Mixtral", "qwen2_moe": "Qwen2Moe", "phi": "Phi",
-           "gpt_neox": "GPTNeoX", "gptj": "GPTJ"}[family]
-    specs = []
-    if family in ("mistral", "qwen2", "qwen3", "olmo2", "mixtral", "qwen2_moe"):
-        specs.append((f"{cap}RMSNorm", "forward", RMS_LLAMA))
-    if family == "gemma2":
-        specs.append(("Gemma2RMSNorm", "forward",
-                      [("self._norm(x.float())", "self._norm(x)"),
-                       ("(1.0 + self.weight.float())", "(1.0 + self.weight)")]))
-    if family != "gptj":
-        specs.append((f"{cap}RotaryEmbedding", "forward", ROPE))
-        specs.append((None, "eager_attention_forward", SOFTMAX))
-    else:
-        specs.append(("GPTJAttention", "_attn",
-                      [("query = query.to(torch.float32)", "query = query"),
-                       ("key = key.to(torch.float32)", "key = key")]))
-    if family == "mixtral":
-        specs.append(("MixtralTopKRouter", "forward",
-                      [("softmax(router_logits.float(), dim=-1)", "softmax(router_logits, dim=-1)")]))
-    if family == "qwen2_moe":
-        specs.append(("Qwen2MoeTopKRouter", "forward",
-                      [("softmax(router_logits, dtype=torch.float, dim=-1)",
-                        "softmax(router_logits, dtype=router_logits.dtype, dim=-1)")]))
-    return specs
-
-
-@contextlib.contextmanager
-def true_fp64_patches(family):
-    """Replace the float32 islands of `family` by the same expressions in the input dtype."""
-    module = _mod(family)
-    saved, applied = [], []
-    try:
-        for owner_name, attr, repls in patch_specs(family):
-            owner = module if owner_name is None else getattr(module, owner_name)
-            original = getattr(owner, attr)
-            src = textwrap.dedent(inspect.getsource(original))
-            for old, new in repls:
-                if src.count(old) != 1:
-                    raise RuntimeError(f"{owner_name}.{attr}: expected '{old}' once, "
-                                       f"found {src.count(old)}")
-                src = src.replace(old, new)
-            ns = {}
-            exec(compile(src, f"<true-fp64 {owner_name}.{attr}>", "exec"), module.__dict__, ns)
-            saved.append((owner, attr, original))
-            setattr(owner, attr, ns[attr])
-            applied.append(f"{module.__name__.rsplit('.', 1)[-1]}."
-                           f"{owner_name + '.' if owner_name else ''}{attr}: "
-                           + "; ".join(f"`{o}` -> `{n}`" for o, n in repls))
-        yield applied
-    finally:
-        for owner, attr, original in reversed(saved):
-            setattr(owner, attr, original)
-
-
-def recompute_buffers(model, family, cfg):
-    """Float64 versions of the buffers that transformers builds in float32."""
-    notes = []
-    for name, mod in model.named_modules():
-        for bname, buf in list(mod.named_buffers(recurse=False)):
-            full = f"{name}.{bname}"
-            if bname.endswith("inv_freq"):
-                n = buf.numel()
-                dim = 2 * n
-                rp = cfg.rope_parameters
-                rp = rp.get("full_attention", rp) if "rope_theta" not in rp else rp
-                base = rp["rope_theta"]
-                new = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
-                rel = ((buf.double() - new).abs() / new).max().item()
-                assert rel < 1e-6, (full, rel)
-                notes.append(f"{full}: was {buf.dtype} (max rel diff to fp64 formula {rel:.1e}), "
-                             f"recomputed in float64 (base {base}, {n} freqs, dim {dim})")
-                setattr(mod, bname, new)
-            elif bname == "embed_scale":
-                new = torch.tensor(math.sqrt(cfg.hidden_size), dtype=torch.float64)
-                notes.append(f"{full}: was {buf.dtype} {buf.item()!r}, set to float64 "
-                             f"sqrt({cfg.hidden_size}) = {new.item()!r}")
-                setattr(mod, bname, new)
-            elif bname == "embed_positions":  # GPT-J sinusoidal table [pos, rotary_dim]
-                npos, rdim = buf.shape
-                inv = 1.0 / (10000 ** (torch.arange(0, rdim, 2, dtype=torch.float64) / rdim))
-                inp = torch.arange(npos, dtype=torch.float64)[:, None] * inv
-                new = torch.cat((torch.sin(inp), torch.cos(inp)), dim=1)
-                diff = (buf.double() - new).abs().max().item()
-                notes.append(f"{full}: was {buf.dtype} (built from float32 angles, max abs diff "
-                             f"{diff:.1e}), recomputed in float64 ({npos} x {rdim})")
-                setattr(mod, bname, new)
-    return notes
+# --------------------------------------------------------------------------- true float64
+# The float32 islands of transformers (RMSNorm, RoPE, the eager softmax, the MoE router) are raised
+# to float64 by the package's own machinery, shared with `python -m minipatch reference`:
+# minipatch.hf_reference.float64_islands (every float32 request made float64 while the model is
+# built and run, each recorded with its module class). The census below checks the result.
 
 
 # --------------------------------------------------------------------------- dtype census
@@ -381,9 +286,9 @@ def build(name, out_root):
     stock, stock_census = census(lambda: fwd(input_ids=x, attention_mask=ones))
     logits_stock = stock.logits[0].numpy().copy()
 
-    # ---- true float64
-    buffer_notes = recompute_buffers(m, name, cfg)
-    with true_fp64_patches(name) as applied:
+    # ---- true float64 (the model is rebuilt inside the context, so its RoPE tables are float64)
+    with float64_islands() as islands:
+        m = load_hf_model(folder, model_type)
         emb, layers, final = parts(m, name)
         captured = {}
         hooks = [emb.register_forward_hook(lambda mod, i, o: captured.__setitem__("emb", o))]
@@ -408,9 +313,7 @@ def build(name, out_root):
                 (full_pw.logits - out.logits).abs().max().item()
             extra["dtype_check_true_fp64_kept_only_poswindow"] = pw_census
         # reload check of the true-fp64 forward
-        m2 = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float64,
-                                                  attn_implementation="eager", **load_kwargs).eval()
-        recompute_buffers(m2, name, m2.config)
+        m2 = load_hf_model(folder, model_type)
         with torch.no_grad():
             out2 = m2(input_ids=x, attention_mask=ones, use_cache=False)
         reload_true_diff = (out2.logits - out.logits).abs().max().item()
@@ -483,8 +386,7 @@ def build(name, out_root):
                         "output_hidden_states=True), eval mode, eager attention",
         "kept_only_call": "model(input_ids=ids[kept][None], position_ids=kept[None], "
                           "attention_mask=ones(1,9), use_cache=False)",
-        "patches_applied": applied,
-        "buffers_recomputed": buffer_notes,
+        "float32_islands_raised": islands.names(),
         "stock_buffers": stock_buffers,
         "dtype_check_stock_fp64": stock_census,
         "dtype_check_true_fp64": {"full": true_census, "kept_only": kept_census},
