@@ -59,6 +59,17 @@ def _fields(p):
     return {k: a for k, a in (("add", p.add), ("mul", p.mul)) if a is not None}
 
 
+def cast_patches(patches, dtype):
+    """The patches with every array cast to ``dtype`` (numpy; exact from float32 to float64)."""
+    from .backend import to_numpy
+
+    def conv(p):
+        return type(p)(*[None if a is None else np.asarray(to_numpy(a)).astype(dtype) for a in vars(p).values()])
+
+    return Patches(tuple({k: conv(p) for k, p in lp.items()} for lp in patches.layers), patches.positions,
+                   patches.methods, patches.origin)
+
+
 def save_patches(patches, path, context=None, input_ids=None, window_by=None):
     """Write ``patches`` (a :class:`~minipatch.patches.Patches` or an AbsorbResult) to ``path``.
 

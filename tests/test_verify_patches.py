@@ -19,9 +19,10 @@ import minipatch as mp
 from helpers import FIXTURES, load_npz
 from minipatch.__main__ import main
 from minipatch.audit.verify import verify
-from minipatch.audit.verify_cli import KEYS, cast
-from minipatch.ops import rms_unit
-from minipatch.patches import Dense, Patches, Rank1, Scale
+from minipatch.audit.flaws import FLAWS, mixed_expert_split
+from minipatch.audit.verify_cli import KEYS
+from minipatch.patchfile import cast_patches as cast
+from minipatch.patches import Dense, Patches, Rank1
 
 pytestmark = pytest.mark.audit
 
@@ -73,14 +74,7 @@ def test_mixed_expert_split_matches_none_but_is_exact():
     """Half the delta through the top expert, half spread over all active ones: exact, none of
     minipatch's MoE constructions (the outer witness is not unique)."""
     model, ids, ctx = setup("mixtral")
-    one, all_ = (mp.absorb(model, ids, ctx, method=m).patches for m in ("one", "all"))
-    layers = []
-    for lo, la in zip(one.layers, all_.layers):
-        lp = dict(lo)
-        po, pa = lo["experts.down_proj.weight"], la["experts.down_proj.weight"]
-        lp["experts.down_proj.weight"] = Rank1(0.5 * po.u + 0.5 * pa.u, pa.v)
-        layers.append(lp)
-    r = verify(model, ids, unbound(one, layers), ctx)
+    r = verify(model, ids, mixed_expert_split(model, ids, ctx), ctx)
     assert r["ok"], r["verdict"]
     for lay in r["layers"]:
         assert lay["construction"] is None and "none of minipatch's: experts.down_proj.weight" in lay["verdict"]
@@ -110,29 +104,13 @@ def test_m1_beyond_the_minimum_norm_is_exact_but_named():
 
 
 def flawed(model, ids, ctx, how):
-    """A patch set with one deliberate flaw (the worked audit of notebook 10)."""
-    if how == "float32 activations":
-        res = mp.absorb(model.astype("float32"), ids, ctx)
-        return cast(unbound(res.patches), np.float64)
-    if how == "swapped layers":
-        res = mp.absorb(model, ids, ctx)
-        L = list(res.patches.layers)
-        L[1], L[2] = L[2], L[1]
-        return unbound(res.patches, L)
-    res = mp.absorb(model, ids, ctx, method="m6a")           # "no eps": M6a with rms_unit without eps
-    tr = {}
-    model.run(ids, trace=tr, head=False)
-    layers = []
-    for l, lp in enumerate(res.patches.layers):
-        d = tr["layers"][l]["d"][res.kept]
-        ratio = rms_unit(d, model.cfg.norm_eps) / (d / np.sqrt(np.mean(d * d, -1, keepdims=True)))
-        layers.append(dict(lp, **{"mlp_post_norm.weight": Scale(add=lp["mlp_post_norm.weight"].add * ratio)}))
-    return unbound(res.patches, layers)
+    """A patch set with one deliberate flaw (minipatch/audit/flaws.py; notebook 10)."""
+    return FLAWS[how](model, ids, ctx)
 
 
 @pytest.mark.parametrize("how, layer, sublayer, params", [
     ("float32 activations", 0, "mlp_hidden", ("gate_proj.weight", "up_proj.weight")),
-    ("no eps", 0, "mlp_post_norm", ("mlp_post_norm.weight",)),
+    ("M6a without eps", 0, "mlp_post_norm", ("mlp_post_norm.weight",)),
     ("swapped layers", 1, "mlp_hidden", ("gate_proj.weight", "up_proj.weight"))])
 def test_flawed_patch_sets_name_layer_sublayer_and_parameter(how, layer, sublayer, params):
     model, ids, ctx = setup("gemma3_text")
@@ -188,7 +166,7 @@ def files(tmp_path_factory):
     d = tmp_path_factory.mktemp("v")
     res = mp.absorb(model, ids, ctx, method="m6a")
     good = unbound(res.patches).save(d / "good.npz", context=ctx, input_ids=ids)
-    bad = flawed(model, ids, ctx, "no eps").save(d / "noeps.npz", context=ctx, input_ids=ids)
+    bad = flawed(model, ids, ctx, "M6a without eps").save(d / "noeps.npz", context=ctx, input_ids=ids)
     f32 = cast(unbound(mp.absorb(model, ids, ctx).patches), np.float32).save(d / "f32.npz", context=ctx)
     return d, good, bad, f32, ids
 

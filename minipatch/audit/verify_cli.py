@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import InputError, MinipatchError, ModelFileError
-from ..patches import Patches
+from ..patchfile import cast_patches
 from .cli import fail
 from .sublayers import describe
 from .verify import verify
@@ -28,15 +28,6 @@ KEYS = ("arch", "ok", "verdict", "logits_max_rel_err", "unpatched_max_rel_err", 
         "sublayer_rel_err_before", "culprit", "max_rank", "rank_ok", "layers", "hidden_state_rel_errs",
         "sublayer_rel_errs", "notes")
 """The keys of ``--json`` (always present; null where a check does not apply)."""
-
-
-def cast(patches, dtype):
-    """The patches with every array cast to ``dtype`` (numpy)."""
-    def conv(p):
-        return type(p)(*[None if a is None else np.asarray(a).astype(dtype) for a in vars(p).values()])
-
-    return Patches(tuple({k: conv(p) for k, p in lp.items()} for lp in patches.layers), patches.positions,
-                   patches.methods, patches.origin)
 
 
 def verify_file(checkpoint, patch_path, tokens=None, context=None, dtype="float64", rtol=1e-9, patch_rtol=1e-6,
@@ -60,7 +51,7 @@ def verify_file(checkpoint, patch_path, tokens=None, context=None, dtype="float6
     patches = got.patches
     if got.dtype is not None and got.dtype != np.dtype(dtype):
         notes.append(f"the patches are {got.dtype}; cast to the model's {dtype}")
-        patches = cast(patches, np.dtype(dtype))
+        patches = cast_patches(patches, np.dtype(dtype))
     r = verify(model, ids, patches, ctx, got.window_by, rtol, patch_rtol, method)
     r.update(path=str(checkpoint), patches=str(patch_path), dtype=str(dtype), notes=notes)
     return r
