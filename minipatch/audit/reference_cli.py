@@ -13,6 +13,7 @@ sublayer. Exit status: 0 written, 2 bad input (a named error).
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -80,7 +81,8 @@ def run(args):
     try:
         ids = read_tokens(args.tokens) if args.tokens is not None else prompt_tokens(args.checkpoint, args.prompt)
         ctx = None if args.context is None else parse_positions(args.context)
-        arrays = make_reference(Path(args.checkpoint), ids, ctx, args.dtype, args.stock, progress=not args.json)
+        bar = not args.json and sys.stderr.isatty()         # a progress bar only on a terminal
+        arrays = make_reference(Path(args.checkpoint), ids, ctx, args.dtype, args.stock, progress=bar)
         out = write_npz(Path(args.out), arrays)
     except (MinipatchError, OSError, ValueError) as e:
         return fail(args, "reference", e)
