@@ -83,6 +83,7 @@ def run(args):
         ctx = None if args.context is None else parse_positions(args.context)
         bar = not args.json and sys.stderr.isatty()         # a progress bar only on a terminal
         arrays = make_reference(Path(args.checkpoint), ids, ctx, args.dtype, args.stock, progress=bar)
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         out = write_npz(Path(args.out), arrays)
     except (MinipatchError, OSError, ValueError) as e:
         return fail(args, "reference", e)
