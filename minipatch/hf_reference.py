@@ -7,16 +7,8 @@ here, lazily, never at package import (:class:`~minipatch.errors.MissingDependen
 off); config.json is read by minipatch's own bounded reader first.
 
 **True float64** (the default). ``model.to(torch.float64)`` is not enough: transformers computes
-a few *float32 islands* in a float64 model (tests/fixtures/HF_FIXTURES.md section 3):
-
-- RMSNorm: ``hidden.to(torch.float32)`` (Llama, Mistral, Qwen, OLMo 2, Mixtral), ``x.float()``
-  and ``weight.float()`` (Gemma);
-- RoPE: ``inv_freq`` built with ``dtype=torch.float`` at load, ``position_ids.float()`` in the
-  forward; GPT-J's sinusoid table and its ``query/key.to(torch.float32)``;
-- the eager softmax: ``softmax(..., dtype=torch.float32)``;
-- the MoE router: ``softmax(router_logits.float())`` / ``dtype=torch.float``.
-
-They are raised, not rewritten: while the model is built and run, a ``TorchFunctionMode``
+*float32 islands* in a float64 model -- RMSNorm, the RoPE tables, the eager softmax, the MoE
+router (FORMATS.md lists them; tests/fixtures/HF_FIXTURES.md section 3). They are raised, not rewritten: while the model is built and run, a ``TorchFunctionMode``
 turns every request for float32 (``.float()``, ``.to(torch.float32)``, ``dtype=torch.float32``)
 into float64 and torch's default dtype is float64, so each island runs Hugging Face's own
 expression in float64. Each raised request is recorded with the module class it ran in (the
@@ -36,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import InputError, MissingDependencyError, ModelFileError, UnsupportedArchitectureError
+from .errors import MissingDependencyError, ModelFileError, UnsupportedArchitectureError
 
 HF_HINT = 'pip install -e ".[hf]"  (torch 2.13.0 CPU and transformers)'
 
@@ -303,14 +295,3 @@ def _progress(layers, progress, handles):
 
     handles += [layer.register_forward_hook(step) for layer in layers]
     return bar
-
-
-def parse_positions(text, what="--context"):
-    """Positions from '1:16' (a range, end excluded) or '1,2,5' (InputError otherwise)."""
-    try:
-        if ":" in text:
-            lo, hi = text.split(":")
-            return np.arange(int(lo), int(hi), dtype=np.int64)
-        return np.array([int(t) for t in text.split(",") if t.strip()], dtype=np.int64)
-    except ValueError:
-        raise InputError(f"{what} must be 'start:stop' or comma-separated integers, got {text!r}") from None

@@ -35,24 +35,31 @@ def format_report(r):
     if r.get("sublayer_rel_errs") is not None:
         worst = {k: max(v) for k, v in r["sublayer_rel_errs"].items() if v}
         lines.append("  sublayers (max rel err over layers): " + " ".join(f"{k}:{e:.1e}" for k, e in worst.items()))
-        fs = r["first_divergent_sublayer"]
-        if fs is None:
-            lines.append("  first divergent sublayer: none")
-        else:
-            here = describe(dict(fs, rel_err=r["sublayer_rel_err"]))
-            before = r["sublayer_before"]
-            prev = "" if before is None else (f" (just before, {describe(dict(before, rel_err=0))}: "
-                                              f"{_f(r['sublayer_rel_err_before'])})")
-            lines.append(f"  first divergent sublayer: {here}: rel err {_f(r['sublayer_rel_err'])}{prev}")
+        lines.append(divergence_line(r, _f, "rel err "))
     if r["absorb_max_rel_err_self"] is not None:
         lines.append(f"  theorem at kept positions {r['kept_positions']} ({'/'.join(sorted(set(r['methods'])))}):")
         lines.append(f"    patched vs our with-context logits: {_f(r['absorb_max_rel_err_self'])}")
         lines.append(f"    patched vs reference logits:        {_f(r['absorb_max_rel_err_reference'])}")
         lines.append(f"    unpatched vs reference (control):   {_f(r['unpatched_max_rel_err'])}")
-    for note in r.get("notes", []):
-        lines.append(f"  note: {note}")
-    lines.append("  OK" if r["ok"] else "  NOT OK")
-    return "\n".join(lines)
+    return "\n".join(lines + closing_lines(r))
+
+
+def divergence_line(r, fmt, label=""):
+    """'  first divergent sublayer: layer 0 attn_norm (...): <err> (just before, ...: <err>)'."""
+    fs = r["first_divergent_sublayer"]
+    if fs is None:
+        return "  first divergent sublayer: none"
+    before = r["sublayer_before"]
+    prev = "" if before is None else f" (just before, {describe(dict(before, rel_err=0))}: {fmt(r['sublayer_rel_err_before'])})"
+    return f"  first divergent sublayer: {describe(dict(fs, rel_err=0))}: {label}{fmt(r['sublayer_rel_err'])}{prev}"
+
+
+def closing_lines(r, verdict=None):
+    """The notes, the one-line verdict (if any) and OK / NOT OK."""
+    out = [f"  note: {note}" for note in r.get("notes", [])]
+    if verdict is not None:
+        out.append(f"  verdict: {verdict}")
+    return out + ["  OK" if r["ok"] else "  NOT OK"]
 
 
 def add_parser(sub):

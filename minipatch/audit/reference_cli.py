@@ -75,7 +75,7 @@ def add_parser(sub):
 
 def run(args):
     """Run ``reference``: exit status 0 when the file is written, 2 on bad input."""
-    from ..hf_reference import make_reference, parse_positions
+    from ..hf_reference import make_reference
     from ..npzfile import write_npz
 
     try:
@@ -102,3 +102,14 @@ def run(args):
         print(f"Hugging Face float32 islands {verb}: " + "; ".join(islands))
     print(f"next: python -m minipatch audit {args.checkpoint} --reference {out}")
     return 0
+
+
+def parse_positions(text, what="--context"):
+    """Positions from '1:16' (a range, end excluded) or '1,2,5' (InputError otherwise)."""
+    try:
+        if ":" in text:
+            lo, hi = text.split(":")
+            return np.arange(int(lo), int(hi), dtype=np.int64)
+        return np.array([int(t) for t in text.split(",") if t.strip()], dtype=np.int64)
+    except ValueError:
+        raise InputError(f"{what} must be 'start:stop' or comma-separated integers, got {text!r}") from None

@@ -19,8 +19,7 @@ import numpy as np
 
 from ..errors import InputError, MinipatchError, ModelFileError
 from ..patchfile import cast_patches
-from .cli import fail
-from .sublayers import describe
+from .cli import closing_lines, divergence_line, fail
 from .verify import verify
 
 KEYS = ("arch", "ok", "verdict", "logits_max_rel_err", "unpatched_max_rel_err", "control_ok",
@@ -35,9 +34,8 @@ def verify_file(checkpoint, patch_path, tokens=None, context=None, dtype="float6
     """Load the model and the patch file, then :func:`~minipatch.audit.verify.verify`; returns
     the result dict (with ``path``, ``patches``, ``dtype`` and ``notes``)."""
     from .. import load
-    from ..hf_reference import parse_positions
     from ..patchfile import load_patches
-    from .reference_cli import read_tokens
+    from .reference_cli import parse_positions, read_tokens
 
     model = load(checkpoint, dtype=dtype)
     got = load_patches(patch_path, model)
@@ -65,22 +63,12 @@ def format_report(r):
              f"  {r['output']}: patched vs with-context {f(r['logits_max_rel_err'])}; unpatched (control) "
              f"{f(r['unpatched_max_rel_err'])}",
              "  hidden states (rel err): " + " ".join(f"{i}:{e:.1e}" for i, e in enumerate(r["hidden_state_rel_errs"]))]
-    fs = r["first_divergent_sublayer"]
-    if fs is None:
-        lines.append("  first divergent sublayer: none")
-    else:
-        before = r["sublayer_before"]
-        prev = "" if before is None else f" (just before, {describe(dict(before, rel_err=0))}: {f(r['sublayer_rel_err_before'])})"
-        lines.append(f"  first divergent sublayer: {describe(dict(fs, rel_err=0))}: {f(r['sublayer_rel_err'])}{prev}")
+    lines.append(divergence_line(r, f))
     lines.append(f"  max rank of a weight patch: {r['max_rank']}")
     for lay in r["layers"]:
         ranks = ", ".join(f"{k} (rank {v['rank']})" if v["rank"] is not None else k for k, v in lay["params"].items())
         lines.append(f"  layer {lay['layer']}: {lay['verdict']} [{ranks}]")
-    for note in r["notes"]:
-        lines.append(f"  note: {note}")
-    lines.append(f"  verdict: {r['verdict']}")
-    lines.append("  OK" if r["ok"] else "  NOT OK")
-    return "\n".join(lines)
+    return "\n".join(lines + closing_lines(r, r["verdict"]))
 
 
 def add_parser(sub):
