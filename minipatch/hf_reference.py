@@ -259,6 +259,8 @@ def make_reference(checkpoint, tokens, context=None, dtype="float64", stock=Fals
             with torch.no_grad(), (census if true64 else contextlib.nullcontext()):
                 out = model(input_ids=x, attention_mask=torch.ones_like(x), use_cache=False,
                             output_hidden_states=True)
+        except Exception as e:     # transformers' own failure on this input (e.g. too long for its positions)
+            raise ModelFileError(f"{checkpoint}: the transformers forward failed ({type(e).__name__}: {e})") from None
         finally:
             for h in handles:
                 h.remove()

@@ -240,3 +240,19 @@ def test_cli_bad_input_is_exit_2(files, tmp_path, capsys, case):
     assert not os.path.exists("/tmp/evil.npy")
     rc = main(["verify-patches", str(folder), str(path), *extra])
     assert rc == 2 and capsys.readouterr().err.startswith("verify-patches failed: ")
+
+
+def test_a_patch_where_minipatch_makes_none_is_named(tmp_path, capsys):
+    """Another implementation also patches an attention weight: the stream diverges at the next
+    fixed sublayer and that parameter is named; --json stays strict JSON (inf as a string)."""
+    model, ids, ctx = setup("llama")
+    res = mp.absorb(model, ids, ctx)
+    layers = [dict(lp) for lp in res.patches.layers]
+    layers[1]["q_proj.weight"] = Rank1(1e-3 * np.ones((9, 64)), np.ones((9, 64)))
+    path = unbound(res.patches, layers).save(tmp_path / "q.npz", context=ctx, input_ids=ids)
+    rc = main(["verify-patches", str(FIXTURES / "llama"), str(path), "--json"])
+    out = capsys.readouterr().out
+    r = json.loads(out, parse_constant=lambda c: pytest.fail(f"non-standard JSON constant {c}"))
+    assert rc == 1 and r["culprit"] == {"layer": 1, "sublayer": "mlp_hidden", "parameter": "q_proj.weight",
+                                        "rel_diff": "inf", "closest": "m2"}
+    assert "q_proj.weight which minipatch's m2 leaves unpatched" in r["layers"][1]["verdict"]

@@ -6,6 +6,7 @@ object ``{"ok": false, "error": "ModelFileError: ..."}``).
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -78,6 +79,20 @@ def add_parser(sub):
     return p
 
 
+def to_json(obj):
+    """``json.dumps`` with non-finite numbers written as the strings 'inf' / 'nan' (strict JSON)."""
+    def clean(v):
+        if isinstance(v, float) and not math.isfinite(v):
+            return str(v)
+        if isinstance(v, dict):
+            return {k: clean(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [clean(x) for x in v]
+        return v
+
+    return json.dumps(clean(obj), allow_nan=False)
+
+
 def fail(args, command, e):
     """Print a bad-input error (JSON or stderr) and return exit status 2."""
     if args.json:
@@ -98,8 +113,8 @@ def run(args):
     except (MinipatchError, OSError, ValueError) as e:   # bad input: exit 2, never the "not ok" code 1
         return fail(args, "audit", e)
     if args.json:
-        print(json.dumps({k: r[k] for k in KEYS} | {k: r[k] for k in ("hidden_state_rel_errs",
-                                                                   "sublayer_rel_errs", "notes")}))
+        print(to_json({k: r[k] for k in KEYS} | {k: r[k] for k in ("hidden_state_rel_errs", "sublayer_rel_errs",
+                                                                  "notes")}))
     else:
         print(format_report(r))
     return 0 if r["ok"] else 1

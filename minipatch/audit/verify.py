@@ -170,8 +170,10 @@ def _judge(model, patches, ctx_tr, p_tr, K, first, patch_rtol, method):
             name = max(suspects, key=suspects.get) if suspects else None
             culprit = {"layer": l, "sublayer": first["sublayer"], "parameter": name,
                        "rel_diff": suspects.get(name), "closest": best}
-            info["verdict"] = (f"wrong: diverges at {first['sublayer']}; parameter {name} differs from "
-                               f"minipatch's {best} by {suspects.get(name, float('nan')):.1e}" if name else
+            gap = suspects.get(name)
+            how = (f"which minipatch's {best} leaves unpatched" if gap == float("inf") else
+                   f"differs from minipatch's {best} by {gap:.1e}")
+            info["verdict"] = (f"wrong: diverges at {first['sublayer']}; parameter {name} {how}" if name else
                                f"wrong: diverges at {first['sublayer']} though its patches equal minipatch's {best}")
         elif match and best == auto:
             info["verdict"] = f"same as minipatch's {best}"

@@ -12,14 +12,13 @@ ok, 2 bad input (a named error).
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import InputError, MinipatchError, ModelFileError
 from ..patchfile import cast_patches
-from .cli import closing_lines, divergence_line, fail
+from .cli import closing_lines, divergence_line, fail, to_json
 from .verify import verify
 
 KEYS = ("arch", "ok", "verdict", "logits_max_rel_err", "unpatched_max_rel_err", "control_ok",
@@ -100,7 +99,7 @@ def run(args):
     except (MinipatchError, OSError, ValueError) as e:
         return fail(args, "verify-patches", e)
     if args.json:
-        print(json.dumps({k: r[k] for k in KEYS}))
+        print(to_json({k: r[k] for k in KEYS}))
     else:
         print(format_report(r))
     return 0 if r["ok"] else 1
