@@ -256,3 +256,14 @@ def test_a_patch_where_minipatch_makes_none_is_named(tmp_path, capsys):
     assert rc == 1 and r["culprit"] == {"layer": 1, "sublayer": "mlp_hidden", "parameter": "q_proj.weight",
                                         "rel_diff": "inf", "closest": "m2"}
     assert "q_proj.weight which minipatch's m2 leaves unpatched" in r["layers"][1]["verdict"]
+
+
+@pytest.mark.real
+def test_real_gemma_m6a_patches_verify_as_a_different_valid_construction(real_gemma64):
+    """Gemma 3 270M in float64: M6a patches (closed loop) are exact and named; M6b has no witness
+    there (post-FFW multipliers 1 + g = 0), so it is not among the candidates."""
+    ids = np.array([2, 818, 5279, 529, 7001, 563, 9079, 236761])
+    ctx = np.arange(1, 5)
+    r = verify(real_gemma64, ids, mp.absorb(real_gemma64, ids, ctx, method="m6a").patches, ctx)
+    assert r["ok"] and r["logits_max_rel_err"] <= 1e-10 and r["unpatched_max_rel_err"] > 1e-2, r["verdict"]
+    assert all(lay["construction"] == "m6a" and lay["minipatch"] == "m6d" for lay in r["layers"])
