@@ -197,6 +197,11 @@ def _bad_cases(ref):
         "ids out of vocab": (dict(input_ids=ids + 200, logits=lg), "token ids must lie in [0, 128)"),
         "context out of range": (dict(input_ids=ids, logits=lg, context_positions=cp + 20), "must lie in [0, 24)"),
         "context duplicates": (dict(input_ids=ids, logits=lg, context_positions=np.r_[cp, cp[:1]]), "duplicates"),
+        "sublayer L": (dict(input_ids=ids, logits=lg, **{"sublayers.out": hs[2:]}), "does not fit [L, T, W]"),
+        "sublayer width": (dict(input_ids=ids, logits=lg, **{"sublayers.mlp_hidden": hs[1:]}), "does not fit [L, T, W]"),
+        "sublayer nan": (dict(input_ids=ids, logits=lg, **{"sublayers.out": hs[1:] * np.nan}), "non-finite"),
+        "sublayer batch": (dict(input_ids=ids, logits=lg, **{"sublayers.out": np.stack([hs[1:], hs[1:]], 1)}),
+                           "a batch of 2 sequences"),
     }
 
 
@@ -318,3 +323,26 @@ def test_read_reference_fuzz(tmp_path_factory, compressed, edits, cut):
     if "context_positions" in ref:
         cp = ref["context_positions"]
         assert cp.ndim == 1 and np.all((0 <= cp) & (cp < ids.shape[0]))
+
+
+@pytest.mark.parametrize("layer, name, before", [(0, "attn_norm", "embeddings"), (2, "mlp_hidden", "mlp_norm"),
+                                                 (3, "out", "mlp_post_norm")])
+def test_perturbed_sublayer_is_located(gemma, tmp_path, capsys, layer, name, before):
+    """A reference with sublayers (here minipatch's own, so torch-free): perturbing one entry of one
+    sublayer makes exactly that layer and sublayer the first divergent, exact just before."""
+    import minipatch as mp
+    from minipatch.audit.sublayers import model_sublayers
+
+    folder, ref = gemma
+    model, tr = mp.load(folder), {}
+    model.forward(ref["input_ids"], trace=tr)
+    subs = {f"sublayers.{k}": v.copy() for k, v in model_sublayers(model, tr).items()}
+    path = write_npz(tmp_path / "ok.npz", **ref, **subs)
+    rc, r, _ = cli(capsys, folder, path, "--rtol", "1e-12")
+    assert rc == 0 and r["first_divergent_sublayer"] is None and max(max(v) for v in r["sublayer_rel_errs"].values()) == 0
+    subs[f"sublayers.{name}"][layer, 5, 7] += 1e-6 * np.max(np.abs(subs[f"sublayers.{name}"][layer]))
+    path = write_npz(tmp_path / "bad.npz", **ref, **subs)
+    rc, r, _ = cli(capsys, folder, path)
+    assert rc == 1 and r["first_divergent_sublayer"] == {"layer": layer, "sublayer": name}
+    assert r["sublayer_before"]["sublayer"] == before and r["sublayer_rel_err_before"] == 0.0
+    assert 5e-7 < r["sublayer_rel_err"] < 2e-6
