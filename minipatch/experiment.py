@@ -219,15 +219,20 @@ def run_experiment(model64, tokenizer, prompts, n_new=20, dtypes=DTYPES, methods
                 for m in methods:
                     entry = dict(prompt=k, text=text, dtype=dtype, method=m, order=order,
                                  ref_tokens=ref_ids.tolist(), ref_text=decode(tokenizer, ref_ids))
+                    done = []
+
+                    def tick(s, t, label=f"{lab} {order} {m}"):
+                        done.append(s)
+                        bar.step(label)
+
                     try:
-                        ids, rows, big = patched_greedy(model, tok, n_new, m, round_fn, order=order,
-                                                        callback=lambda s, t: bar.step(f"{lab} {order} {m}"))
+                        ids, rows, big = patched_greedy(model, tok, n_new, m, round_fn, order=order, callback=tick)
                         entry.update(compare(ref_ids, ref_rows, ids, rows), text_patched=decode(tokenizer, ids),
                                      largest_scale=big, error=None)
                     except MinipatchError as e:   # a witness that does not exist for this input
                         entry.update(error=f"{type(e).__name__}: {e}", abs_err=[], rel_err=[], agree=0,
                                      prefix_agree=0, first_divergence=0, tokens=[], largest_scale=None)
-                        for _ in range(n_new):
+                        for _ in range(n_new - len(done)):     # the steps it did not run
                             bar.step(f"{lab} {order} {m}")
                     runs.append(entry)
         del model
