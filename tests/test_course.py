@@ -198,3 +198,18 @@ def test_task_statement_quotes_the_units_math(name, tmp_path):
         if label[0] == "M":
             assert f"### {label.split()[0]} " in math, label
     assert "../shared" not in text
+
+
+def test_readme_course_table_counts():
+    """The README's unit table and mutant count are what the kit registers."""
+    import re
+
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    rows = dict(re.findall(r"^\| `(\w+)`(?: = [^|]*)? \|[^|]*\| (\d+ / \d+) \|$", readme, re.M))
+    assert set(rows) == {u for u, v in UNITS.items() if not v.parent}, rows
+    for name, quoted in rows.items():
+        members = UNITS[name].members
+        public, everything = len(checks_for(members)), len(checks_for(members, hidden=True))
+        assert quoted == f"{public} / {everything - public}", (name, quoted)
+    said = re.search(r"each of (\d+)\s+plausible wrong implementations", readme)
+    assert said and int(said[1]) == len(MUTANTS)
