@@ -357,7 +357,7 @@ def check_block(model, layer, x, context, method="auto", window_by="position"):
     idx_kept = model._index(window_by, 0, kept.size)
     lp, cfg, spec = model.params["layers"][layer], model.cfg, model.spec
     full = {}
-    out = block_forward(spec, lp, x, cfg, layer, pos, trace=full, index=idx_full)
+    block_forward(spec, lp, x, cfg, layer, pos, trace=full, index=idx_full)      # fills `full`
     rows = {k: take_rows(full[k], K) for k in VALUES}
     at = attention_values(spec, lp, rows["x"], cfg, layer, K, None, idx_kept)
     try:
