@@ -154,3 +154,24 @@ def test_experiment_prose_quotes_the_results(pattern, value):
     assert said, pattern
     got = value(EXPERIMENT)
     assert number_agrees(said[1], f"{got:.1e}" if isinstance(got, float) else str(got)), (said[1], got)
+
+
+@pytest.mark.parametrize("pattern,key", [
+    (r"float64 ([0-9.e+-]+) \(M6a ([0-9.e+-]+)\)", ("M7 through 12 layers", "m6d", "float64", "m6a")),
+    (r"float32 ([0-9.e+-]+) \(M6a ([0-9.e+-]+)\)\. Built", ("M7 through 12 layers", "m6d", "float32", "m6a")),
+])
+def test_m6_paragraph_quotes_the_main_job(main_quick, pattern, key):
+    """The "Gemma constructions" paragraph quotes the main job's closed-loop rows."""
+    said = re.search(pattern, README)
+    assert said, pattern
+    fresh = _rows(main_quick[1])
+    check, method, dtype, other = key
+    got = {k[2]: v[0] for k, v in fresh.items() if k[0] == check and k[3] == dtype}   # method -> rel err
+    assert number_agrees(said[1], got[method]) and number_agrees(said[2], got[other]), (said.groups(), got)
+
+
+def test_m6_paragraph_open_loop_numbers(main_quick):
+    said = re.search(r"the layers below: ([0-9.e+-]+) in float64 and ([0-9.e+-]+), i\.e\.", README)
+    fresh = _rows(main_quick[1])
+    got = {k[3]: v[0] for k, v in fresh.items() if k[0] == "M7 through 12 layers" and k[2] == "m6a/open"}
+    assert said and number_agrees(said[1], got["float64"]) and number_agrees(said[2], got["float32"]), got
