@@ -1,6 +1,7 @@
 """Benchmark the real Gemma 3 270M in float32: forward, absorb (MATH.md M7), and Hugging Face's forward.
 
     python benchmarks/bench_real_gemma.py                                   # 512-token prompt
+    python benchmarks/bench_real_gemma.py --json figures/bench_real_gemma.json
     python benchmarks/bench_real_gemma.py --hf-python /work/venv-ref/bin/python
 
 Prints, in one run: the time of our float32 forward on a 512-token prompt (all logits), of
@@ -120,6 +121,7 @@ def main():
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--hf-python", default=os.environ.get("MINIPATCH_HF_PYTHON"),
                     help="an interpreter with torch + transformers (+ gguf, accelerate) for the HF timing")
+    ap.add_argument("--json", default=None, help="also write the timings and ratios here")
     ap.add_argument("--hf-child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.hf_child:   # child mode: time HF on the ids in the JSON file, print one JSON line
@@ -147,6 +149,12 @@ def main():
                 hf = json.loads(p.stdout.strip().splitlines()[-1])
             else:
                 print(f"\nHugging Face: child {args.hf_python} failed:\n{p.stderr[-2000:]}")
+    record = dict(T=len(ids), forward_s=best["forward"], absorb_s=best["absorb"], patched_s=best["patched"],
+                  absorb_vs_forward=best["absorb"] / best["forward"], hf=hf,
+                  ours_vs_hf=None if hf is None else best["forward"] / hf["forward_s"])
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(record, f, indent=1)
     if hf is None:
         if not args.hf_python:
             print("\nHugging Face: skipped (torch/transformers not importable; pass --hf-python)")
