@@ -12,7 +12,7 @@ the patched-vs-with-context logit error. Timings are the best of ``--repeats`` i
 rounds (each operation once per round) after one warm-up call. Thread counts are left to the
 BLAS defaults; the BLAS in use is printed.
 
-Targets (foundation issue): absorb <= 2.0x one forward; patched forward <= 1.2x plain;
+Targets: absorb <= 2.0x one forward; patched forward <= 1.2x plain;
 forward >= 50% of the measured matmul rate; and the patched logits within MATH.md section 8's
 tolerance (1e-4 relative in float32, 1e-10 in float64). Exit status 1 if any is missed.
 """

@@ -1,16 +1,17 @@
 """Benchmark the real Gemma 3 270M in float32: forward, absorb (MATH.md M7), and Hugging Face's forward.
 
-    python benchmarks/bench_real_gemma.py                                   # ~128-token prompt
+    python benchmarks/bench_real_gemma.py                                   # 512-token prompt
+    python benchmarks/bench_real_gemma.py --json figures/bench_real_gemma.json
     python benchmarks/bench_real_gemma.py --hf-python /work/venv-ref/bin/python
 
-Prints, in one run: the time of our float32 forward on a ~128-token prompt (all logits), of
+Prints, in one run: the time of our float32 forward on a 512-token prompt (all logits), of
 ``absorb`` with context = positions 1..T/2-1 (BOS and the second half kept), of the patched
 forward, their ratios and the patched-vs-with-context error. Then Hugging Face's float32
 forward of the same token ids (``from_pretrained(dir, gguf_file=..., dtype=torch.float32)``,
 offline): in this interpreter if torch and transformers import, else in ``--hf-python``
 (another interpreter that has them, run as a child process on the same machine right after
 ours), else it says it is skipped. Timings: best of ``--repeats`` interleaved rounds after
-one warm-up. Thread counts are the libraries' defaults (printed).
+one warm-up. torch runs on as many threads as numpy's BLAS (printed).
 """
 from __future__ import annotations
 
@@ -33,12 +34,24 @@ TEXT = ("The history of the printing press begins in the fifteenth century, when
         "several hundred, that pamphlets and newspapers followed within a few generations, and that")
 
 
-def hf_time(gguf_path, ids, repeats):
+def blas_threads():
+    """The thread count of numpy's BLAS (threadpoolctl), else the CPU count."""
+    try:
+        from threadpoolctl import threadpool_info
+
+        return max(i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas")
+    except (ImportError, ValueError):
+        return os.cpu_count()
+
+
+def hf_time(gguf_path, ids, repeats, threads=None):
     """Hugging Face float32 forward of ``ids`` (one batch): dict with seconds, threads, versions."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
     from transformers import AutoModelForCausalLM
 
+    threads = threads or blas_threads()
+    torch.set_num_threads(threads)        # the threads numpy's BLAS uses: a like-for-like comparison
     t0 = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(os.path.dirname(gguf_path), gguf_file=os.path.basename(gguf_path),
                                                  dtype=torch.float32)
@@ -73,7 +86,7 @@ def ours(args):
     model = minipatch.load(path, dtype="float32")
     t_load = time.perf_counter() - t0
     tok = tokenizer_from_gguf(read_gguf_metadata(path))
-    ids = np.asarray(encode(tok, TEXT), dtype=np.int64)[:args.tokens]
+    ids = np.asarray(encode(tok, " ".join([TEXT] * (1 + args.tokens // 100))), dtype=np.int64)[:args.tokens]
     T = ids.size
     context = np.arange(1, T // 2)
     kept = np.setdiff1d(np.arange(T), context)
@@ -104,10 +117,11 @@ def ours(args):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--tokens", type=int, default=128, help="truncate the prompt to this many tokens")
+    ap.add_argument("--tokens", type=int, default=512, help="prompt length (the text repeated, then cut; default 512)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--hf-python", default=os.environ.get("MINIPATCH_HF_PYTHON"),
                     help="an interpreter with torch + transformers (+ gguf, accelerate) for the HF timing")
+    ap.add_argument("--json", default=None, help="also write the timings and ratios here")
     ap.add_argument("--hf-child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.hf_child:   # child mode: time HF on the ids in the JSON file, print one JSON line
@@ -135,6 +149,12 @@ def main():
                 hf = json.loads(p.stdout.strip().splitlines()[-1])
             else:
                 print(f"\nHugging Face: child {args.hf_python} failed:\n{p.stderr[-2000:]}")
+    record = dict(T=len(ids), forward_s=best["forward"], absorb_s=best["absorb"], patched_s=best["patched"],
+                  absorb_vs_forward=best["absorb"] / best["forward"], hf=hf,
+                  ours_vs_hf=None if hf is None else best["forward"] / hf["forward_s"])
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(record, f, indent=1)
     if hf is None:
         if not args.hf_python:
             print("\nHugging Face: skipped (torch/transformers not importable; pass --hf-python)")

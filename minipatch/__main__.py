@@ -1,75 +1,7 @@
-"""``python -m minipatch``: run every theorem check on embedded random models.
-
-    python -m minipatch                  # all checks, table per construction and dtype, figure
-    python -m minipatch --quick          # the Gemma checks only
-    python -m minipatch --figures DIR    # where the figure goes (default $MINIPATCH_FIGURES or output/figures)
-    python -m minipatch audit PATH --reference REF.npz [--json] [--rtol R]
-    python -m minipatch reference CHECKPOINT --out REF.npz --tokens 2,17,... [--stock]
-    python -m minipatch verify-patches CHECKPOINT PATCHES.npz [--tokens ...] [--json]
-    python -m minipatch experiment [--n-new 20] [--prompts 1,2] [--json out.json] [--figure F]
-
-Each row is "pass", "FAIL" or "info" (a construction expected to miss the bar because a
-documented precondition does not hold; see minipatch/report.py). Exits non-zero if any check
-fails. The figure goes to an ignored folder by default, so a clone stays clean.
-"""
-from __future__ import annotations
-
-import argparse
-import os
+"""``python -m minipatch``: see :mod:`minipatch.cli` (the main job and every subcommand)."""
 import sys
-from pathlib import Path
 
-
-def check_main(args):
-    from . import report
-
-    curves = {}
-    print("minipatch: context as exact weight patches (MATH.md M1-M8), embedded random models\n")
-    rows = report.gemma_rows(curves)
-    print("Gemma-style model: M1, M2, M6a/M6b/M6c/M6d (method 'auto': MATH.md section 3), M7, generation")
-    print(report.format_table(rows))
-    if not args.quick:
-        fam = report.family_rows()
-        print("\nEvery block family (M8 through the model, method 'auto')")
-        print(report.format_table(fam))
-        rows += fam
-    figdir = Path(args.figures)
-    try:
-        figdir.mkdir(parents=True, exist_ok=True)
-        report.plot_curves(curves, figdir / "error_per_layer.png")
-        print(f"\nfigure: {figdir / 'error_per_layer.png'}")
-    except ImportError:
-        print("\n(matplotlib not installed: no figure; pip install matplotlib)")
-    print("\n" + report.summary(rows))
-    return 1 if any(r.verdict == "FAIL" for r in rows) else 0
-
-
-def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m minipatch", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="cmd")
-    parser.add_argument("--quick", action="store_true", help="Gemma checks only")
-    parser.add_argument("--figures", default=os.environ.get("MINIPATCH_FIGURES", "output/figures"),
-                        help="folder for the figure (default: $MINIPATCH_FIGURES or output/figures, ignored by git)")
-    try:
-        from .audit import add_parser as add_audit
-    except ImportError:
-        add_audit = None
-    if add_audit is not None:
-        add_audit(sub)
-        from .audit import add_kit_parsers      # reference, verify-patches
-
-        add_kit_parsers(sub)
-    from .experiment import add_parser as add_experiment
-    from .course.cli import add_parsers as add_course
-
-    add_experiment(sub)
-    add_course(sub)
-    args = parser.parse_args(argv)
-    if args.cmd is None:
-        return check_main(args)
-    return args.func(args)
-
+from .cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -29,7 +29,7 @@ from .backend import device, to_numpy
 from .blocks import attention_values, layer_patch, mlp_values
 from .controllability import check_method, take_rows
 from .errors import InputError, NotControllableError
-from .finite import check_patch_finite
+from .finite import check_patch_finite, quiet
 from .model import Cache, fingerprint
 from .patches import Patches, concat_patches
 from .validate import check_choice, check_count, check_tokens, split_context
@@ -118,6 +118,11 @@ def patch_layers(model, x, pos, pos_host, ctx_rows, index, cache, method, order,
       (construction names, layer patches, per-layer (k, v) of these tokens, final stream
       [T, D]: the patched model's own output in the closed loop).
     """
+    with quiet():
+        return _patch_layers(model, x, pos, pos_host, ctx_rows, index, cache, method, order, patch_fn)
+
+
+def _patch_layers(model, x, pos, pos_host, ctx_rows, index, cache, method, order, patch_fn):
     spec, cfg = model.spec, model.cfg
     names, layers, kvs = [], [], []
     for l, lp in enumerate(model.params["layers"]):
@@ -140,8 +145,10 @@ def patch_layers(model, x, pos, pos_host, ctx_rows, index, cache, method, order,
 
 
 def patched_forward(model, tokens, res, **kw):
-    """The patched model without context: logits [T_K, V] at the kept positions."""
+    """The patched model without context: logits [T_K, V] at the kept positions (under the
+    window convention the patches were made with, unless ``window_by`` is given)."""
     tok = check_tokens(tokens, model.cfg.vocab_size)
+    kw.setdefault("window_by", (res.patches.origin or {}).get("window_by", "position"))
     return model.forward(tok[res.kept], positions=res.kept, patches=res.patches, **kw)
 
 
@@ -350,7 +357,7 @@ def check_block(model, layer, x, context, method="auto", window_by="position"):
     idx_kept = model._index(window_by, 0, kept.size)
     lp, cfg, spec = model.params["layers"][layer], model.cfg, model.spec
     full = {}
-    out = block_forward(spec, lp, x, cfg, layer, pos, trace=full, index=idx_full)
+    block_forward(spec, lp, x, cfg, layer, pos, trace=full, index=idx_full)      # fills `full`
     rows = {k: take_rows(full[k], K) for k in VALUES}
     at = attention_values(spec, lp, rows["x"], cfg, layer, K, None, idx_kept)
     try:

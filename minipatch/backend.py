@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import numpy as np
 
-from .errors import ShapeError
 
 
 def namespace(*arrays):
@@ -72,13 +71,3 @@ def to_numpy(x):
         xp = namespace(x)
         cpu = xp.asarray(x, device=xp.__array_namespace_info__().default_device())
         return np.asarray(cpu)
-
-
-def as_float_dtype(xp, dtype):
-    """Resolve a dtype spec (``'float32'``, ``np.float64``, an xp dtype) to ``xp``'s float dtype."""
-    if dtype is None:
-        return None
-    name = np.dtype(dtype).name if not isinstance(dtype, str) else dtype
-    if name not in ("float16", "float32", "float64"):
-        raise ShapeError(f"unsupported floating dtype {dtype!r}: use float32 or float64")
-    return getattr(xp, name)

@@ -155,7 +155,7 @@ def model_dynamics(model, tokens, n_context, prefixes=None, method="auto"):
                          tuple(drifts), tuple(lrs))
 
 
-# ---- real models (wired by the lead once the GGUF loader lands) ---------------------------
+# ---- real models ------------------------------------------------------------------------------
 
 def few_shot_dynamics(model, encode, examples, query, prefix="", method="auto"):
     """A few-shot prompt consumed example by example: per-layer patch and increment norms.

@@ -32,18 +32,12 @@ Dtypes:
   float32. Only weights and patches are bf16: activations are not rounded, so this isolates
   the error of storing the patches in bf16.
 
-CLI (registered by :func:`add_parser`)::
-
-    python -m minipatch experiment [--n-new 20] [--prompts 1,2] [--json out.json]
-        [--figure figures/experiment_generation.png] [--dtypes float32,float64,bfloat16]
-        [--methods m6a,m6c,m6d]
+Command line: ``python -m minipatch experiment`` (:mod:`minipatch.cli.experiment`).
 """
 from __future__ import annotations
 
-import json
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 
@@ -51,8 +45,14 @@ from .absorb import greedy
 from .backend import to_numpy
 from .errors import InputError, MinipatchError
 from .patches import Patches, Rank1, Scale, Shift
-# the table and the figure, re-exported so `from minipatch.experiment import ...` keeps working
-from .experiment_report import format_table, plot  # noqa: F401
+
+PROMPTS = (   # the five prompts of the shared Gemma 3 270M fixtures (prompts.json)
+    "Write a weather forecast for Mars in the voice of an annoyed robot.",
+    "Explain the meaning of life in exactly twenty words without using the letter e.",
+    "Explain what a software bug is to a peasant from the sixteenth century.",
+    "Write a haiku about Jack, Fred and Alice.",
+    "Write a rhyming couplet about absorbing prompts into the weights of an MLP.",
+)
 
 DTYPES = ("float32", "float64", "bfloat16")
 METHODS = ("m6a", "m6b", "m6c", "m6d")
@@ -219,15 +219,20 @@ def run_experiment(model64, tokenizer, prompts, n_new=20, dtypes=DTYPES, methods
                 for m in methods:
                     entry = dict(prompt=k, text=text, dtype=dtype, method=m, order=order,
                                  ref_tokens=ref_ids.tolist(), ref_text=decode(tokenizer, ref_ids))
+                    done = []
+
+                    def tick(s, t, label=f"{lab} {order} {m}"):
+                        done.append(s)
+                        bar.step(label)
+
                     try:
-                        ids, rows, big = patched_greedy(model, tok, n_new, m, round_fn, order=order,
-                                                        callback=lambda s, t: bar.step(f"{lab} {order} {m}"))
+                        ids, rows, big = patched_greedy(model, tok, n_new, m, round_fn, order=order, callback=tick)
                         entry.update(compare(ref_ids, ref_rows, ids, rows), text_patched=decode(tokenizer, ids),
                                      largest_scale=big, error=None)
                     except MinipatchError as e:   # a witness that does not exist for this input
                         entry.update(error=f"{type(e).__name__}: {e}", abs_err=[], rel_err=[], agree=0,
                                      prefix_agree=0, first_divergence=0, tokens=[], largest_scale=None)
-                        for _ in range(n_new):
+                        for _ in range(n_new - len(done)):     # the steps it did not run
                             bar.step(f"{lab} {order} {m}")
                     runs.append(entry)
         del model
@@ -258,72 +263,3 @@ def summarize(runs, n_new):
         s.update(max_abs_err=float(a.max()) if a.size else None, mean_abs_err=float(a.mean()) if a.size else None,
                  max_rel_err=float(rl.max()) if rl.size else None, mean_rel_err=float(rl.mean()) if rl.size else None)
     return out
-
-
-# ---- CLI -------------------------------------------------------------------------------------
-
-def add_parser(sub):
-    """Register the ``experiment`` subcommand on the argparse subparsers ``sub``."""
-    p = sub.add_parser("experiment", help="Goldwaser et al. section 4 on real Gemma 3 270M: "
-                                          "greedy with context vs patched with only the current token")
-    p.add_argument("--n-new", type=int, default=20, help="new tokens per prompt (default 20)")
-    p.add_argument("--prompts", default=None, help="comma-separated prompt numbers 1..5 (default all)")
-    p.add_argument("--dtypes", default=",".join(DTYPES), help="comma-separated subset of " + ",".join(DTYPES))
-    p.add_argument("--methods", default=",".join(METHODS), help="comma-separated witnesses (default "
-                   + ",".join(METHODS) + ")")
-    p.add_argument("--orders", default=",".join(ORDERS), help="M7 order(s) of construction: closed,open")
-    p.add_argument("--model", default=None, help="GGUF path (default: the [real] extra's Gemma 3 270M)")
-    p.add_argument("--json", default=None, help="write the full results here")
-    p.add_argument("--figure", default="output/figures/experiment_generation.png",
-                   help="figure path ('' for none; the committed one is figures/experiment_generation.png)")
-    p.add_argument("--no-progress", action="store_true")
-    p.set_defaults(func=run)
-    return p
-
-
-PROMPTS = (   # the five prompts of the shared Gemma 3 270M fixtures (prompts.json)
-    "Write a weather forecast for Mars in the voice of an annoyed robot.",
-    "Explain the meaning of life in exactly twenty words without using the letter e.",
-    "Explain what a software bug is to a peasant from the sixteenth century.",
-    "Write a haiku about Jack, Fred and Alice.",
-    "Write a rhyming couplet about absorbing prompts into the weights of an MLP.",
-)
-
-
-def run(args):
-    """Run the ``experiment`` subcommand; exit status 0, or 2 if the model cannot be loaded."""
-    from . import load
-    from .io.gguf import gemma3_270m_path, read_gguf_metadata
-    from .io.tokenizer import tokenizer_from_gguf
-
-    try:
-        path = args.model or gemma3_270m_path()
-        model = load(path, dtype="float64")
-        tok = tokenizer_from_gguf(read_gguf_metadata(path))
-    except (MinipatchError, ImportError, OSError) as e:
-        print(f"experiment: cannot load the model: {type(e).__name__}: {e}", file=sys.stderr)
-        return 2
-    prompts = list(PROMPTS)
-    if args.prompts:
-        prompts = [prompts[int(i) - 1] for i in args.prompts.split(",")]
-    try:
-        dtypes, methods, orders = (tuple(a.split(",")) for a in (args.dtypes, args.methods, args.orders))
-        for what, got, allowed in (("dtype", dtypes, DTYPES), ("method", methods, METHODS + ("auto",)),
-                                   ("order", orders, ORDERS)):
-            bad = [g for g in got if g not in allowed]
-            if bad:
-                raise MinipatchError(f"unknown {what} {bad[0]!r}; one of {', '.join(allowed)}")
-    except MinipatchError as e:
-        print(f"experiment: {e}", file=sys.stderr)
-        return 2
-    res = run_experiment(model, tok, prompts, n_new=args.n_new, dtypes=dtypes, methods=methods,
-                         progress=not args.no_progress, orders=orders)
-    print(format_table(res["summary"]))
-    print(f"\n{len(prompts)} prompts x {args.n_new} tokens in {res['seconds']:.0f} s")
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(res, indent=1))
-        print(f"results: {args.json}")
-    if args.figure:
-        print(f"figure: {plot(res, args.figure)}")
-    return 0

@@ -19,6 +19,12 @@ from .backend import namespace, to_numpy
 from .errors import NonFiniteError
 
 
+def quiet():
+    """numpy's floating-point warnings off, for code whose results are checked right after by
+    the functions below (a NaN is named there, with its layer and position, not warned about)."""
+    return np.errstate(invalid="ignore", divide="ignore", over="ignore")
+
+
 def all_finite(a):
     xp = namespace(a)
     return bool(xp.all(xp.isfinite(a)))
@@ -67,6 +73,5 @@ def check_mean_square(x, ms):
     """Raise NonFiniteError where a norm's mean square overflowed although ``x`` is finite."""
     xp = namespace(ms)
     if not bool(xp.all(xp.isfinite(ms))) and all_finite(x):
-        row = first_row(ms)
-        raise NonFiniteError("mean square in a norm (overflow)", position=row,
+        raise NonFiniteError(f"mean square in a norm (overflow; first at input row {first_row(ms)})",
                              hint=f"the stream exceeds the range of {x.dtype}; use float64")

@@ -16,7 +16,7 @@ from .backend import device, namespace, to, to_numpy
 from .blocks import attention_values, layer_shapes, mlp_values, spec_for
 from .blocks.base import KV
 from .errors import InputError, NonFiniteError, ShapeError
-from .finite import all_finite, check_values, first_row
+from .finite import all_finite, check_values, first_row, quiet
 from .ops import softcap
 from .patches import norm
 from .validate import check_positions, check_tokens
@@ -80,10 +80,9 @@ class Model:
 
     def astype(self, dtype):
         """A copy of the model with floating parameters cast to ``dtype`` (float32/float64)."""
-        from .backend import as_float_dtype
+        from .validate import check_float_dtype
 
-        as_float_dtype(np, dtype)
-        return Model(self.cfg, to(self.params, dtype=dtype))
+        return Model(self.cfg, to(self.params, dtype=check_float_dtype(dtype).name))
 
     def to(self, xp, dev=None):
         """A copy of the model on another array namespace / device (e.g. cupy, array_api_strict)."""
@@ -146,6 +145,10 @@ class Model:
         """Every block on x [T, D] (after the cached tokens of ``cache``, a :class:`Cache` or
         None); returns (final normed hidden [T, D], per-layer (k, v) of these tokens).
         ``final=False``: the last block's output instead, without the final norm (streams)."""
+        with quiet():
+            return self._layers(x, pos, layers, index, cache, trace, final)
+
+    def _layers(self, x, pos, layers, index, cache, trace, final=True):
         kvs, rows, hidden = [], [], [x]
         for l, lp in enumerate(self.params["layers"]):
             patch = layers[l] if layers is not None else None

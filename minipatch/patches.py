@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+
 from .backend import namespace, to_numpy
 from .errors import ShapeError
 
@@ -186,15 +188,11 @@ class Patches:
             idx = xp.asarray(rows, device=_device_of(p))
             return type(p)(*[None if a is None else xp.take(a, idx, axis=0) for a in vars(p).values()])
 
-        import numpy as np
-
         return Patches(tuple({k: sub(p) for k, p in lp.items()} for lp in self.layers),
                        np.asarray(self.positions)[np.asarray(rows)], self.methods, self.origin)
 
     def norms(self):
         """Per layer, per parameter: numpy [T_K] Frobenius norm of each token's patch."""
-        import numpy as np
-
         out = []
         for lp in self.layers:
             row = {}
@@ -217,8 +215,6 @@ class Patches:
 
 def concat_patches(parts):
     """One :class:`Patches` for the kept tokens of several (in order), e.g. a stream's steps."""
-    import numpy as np
-
     parts = list(parts)
     if len(parts) == 1:
         return parts[0]
@@ -280,7 +276,8 @@ def norm(params, name, x, cfg, patch=None, kind=None):
     if p is not None:
         s = p.multiplier(s)
     c = x if kind == "rms" else x - xp.mean(x, axis=-1, keepdims=True)
-    ms = xp.mean(c * c, axis=-1, keepdims=True)
+    with np.errstate(over="ignore"):      # an overflow is named just below, not warned about
+        ms = xp.mean(c * c, axis=-1, keepdims=True)
     check_mean_square(x, ms)
     y = c / xp.sqrt(ms + cfg.norm_eps) * s
     if kind == "rms":

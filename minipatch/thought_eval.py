@@ -78,7 +78,7 @@ def condensation_curve(model, context, calib, heldout, sizes, method="auto", rid
     return {k: np.asarray(v) for k, v in out.items()}
 
 
-# ---- real models (wired by the lead once the GGUF loader lands) ---------------------------
+# ---- real models ------------------------------------------------------------------------------
 
 def persona_experiment(model, encode, persona, train_questions, test_questions, method="auto", ridge=0.0):
     """Condense a persona context into dense patches and test it on new questions.

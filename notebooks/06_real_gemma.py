@@ -45,7 +45,8 @@ from IPython.display import Image, display
 
 import minipatch as mp
 from minipatch.dynamics_model import few_shot_dynamics
-from minipatch.experiment import format_table, plot, run_experiment
+from minipatch.experiment import run_experiment
+from minipatch.experiment_report import format_table, plot
 from minipatch.io.gguf import gemma3_270m_path, read_gguf_metadata
 from minipatch.io.tokenizer import decode, encode, tokenizer_from_gguf
 from minipatch.patches import Scale

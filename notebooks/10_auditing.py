@@ -48,7 +48,7 @@ from minipatch.__main__ import main
 from minipatch.audit import SUBLAYERS, audit
 from minipatch.audit.flaws import FLAWS, mixed_expert_split
 from minipatch.audit.verify import verify
-from minipatch.audit.verify_cli import verify_file
+from minipatch.audit.verify import verify_file
 
 torch.set_num_threads(1)
 FIG = Path(os.environ.get("MINIPATCH_FIGURES", "../output/figures"))   # build tool: the committed figures/

@@ -94,7 +94,7 @@ def test_bad_configs_and_params():
     del p["layers"][0]["q_proj.weight"]
     with pytest.raises(ShapeError, match="missing"):
         mp.Model(m.cfg, p)
-    with pytest.raises(ShapeError):
+    with pytest.raises(InputError, match="int32"):
         m.astype("int32")
 
 

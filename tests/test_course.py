@@ -184,3 +184,32 @@ def test_public_tests_run_in_the_student_folder(tmp_path):
     r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"], cwd=tmp_path,
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and f"{len(checks_for(('m6b',)))} passed" in r.stdout, r.stdout[-2000:]
+
+
+@pytest.mark.parametrize("name", list(UNITS))
+def test_task_statement_quotes_the_units_math(name, tmp_path):
+    """The task statement's "mathematics" section is the unit's MATH.md text: every label the
+    unit cites has its heading there, and nothing points outside the repository."""
+    write_assignment(name, tmp_path)
+    text = (tmp_path / "README.md").read_text(encoding="utf-8")
+    math = text.split("## The mathematics (MATH.md)")[1].split("## How to test")[0]
+    assert len(math.strip()) > 300
+    for label in UNITS[name].math:
+        if label[0] == "M":
+            assert f"### {label.split()[0]} " in math, label
+    assert "../shared" not in text
+
+
+def test_readme_course_table_counts():
+    """The README's unit table and mutant count are what the kit registers."""
+    import re
+
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    rows = dict(re.findall(r"^\| `(\w+)`(?: = [^|]*)? \|[^|]*\| (\d+ / \d+) \|$", readme, re.M))
+    assert set(rows) == {u for u, v in UNITS.items() if not v.parent}, rows
+    for name, quoted in rows.items():
+        members = UNITS[name].members
+        public, everything = len(checks_for(members)), len(checks_for(members, hidden=True))
+        assert quoted == f"{public} / {everything - public}", (name, quoted)
+    said = re.search(r"each of (\d+)\s+plausible wrong implementations", readme)
+    assert said and int(said[1]) == len(MUTANTS)

@@ -6,7 +6,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from minipatch import absorb, lemmas
+import minipatch as mp
+from minipatch import lemmas
 from minipatch.backend import to_numpy
 from minipatch.blocks import attn_sublayer
 from minipatch.dynamics import block_dynamics, first_block_dynamics, implicit_steps, prefix_attention
@@ -131,6 +132,15 @@ def test_model_layer0_matches_block_and_drift_deeper():
     assert md.lr[0].shape == (n + 1, 3)
 
 
+def _triangle(norms, inc):
+    """||dW_k|| - ||dW_{k-1}|| <= ||dW_k - dW_{k-1}|| <= ||dW_k|| + ||dW_{k-1}|| for every
+    prefix k and kept token: the increments are differences of the patches the norms measure."""
+    lo, hi = np.abs(norms[1:] - norms[:-1]), norms[1:] + norms[:-1]
+    slack = 100 * np.finfo(norms.dtype).eps * np.max(norms)      # rounding of the norms themselves
+    assert np.all(inc >= lo - slack) and np.all(inc <= hi + slack)
+    assert np.allclose(inc[0], norms[1], rtol=1e-12, atol=slack)     # the first step starts at dW = 0
+
+
 @pytest.mark.m7
 def test_model_dynamics_prefix_selection_and_norms():
     m = tiny("llama", seed=2, n_layers=2)
@@ -139,8 +149,12 @@ def test_model_dynamics_prefix_selection_and_norms():
     assert list(md.prefixes) == [0, 4, 8, 12]
     for l in range(2):
         for name, v in md.norms[l].items():
-            assert v.shape == (4, 2) and np.all(v[0] == 0) and np.all(np.isfinite(v))
-            assert md.increments[l][name].shape == (3, 2)
+            inc = md.increments[l][name]
+            assert v.shape == (4, 2) and np.all(v[0] == 0) and inc.shape == (3, 2)
+            _triangle(v, inc)
+            # the last prefix's patches are those of absorbing the 12 first tokens afresh
+            fresh = mp.absorb(m, tok, range(12)).patches.norms()[l][name]
+            np.testing.assert_allclose(v[-1], fresh, rtol=1e-12, atol=1e-14)
 
 
 def test_backend_block_dynamics(backend):
@@ -206,4 +220,4 @@ def test_real_few_shot(real_gemma):
     assert len(md.prefixes) == len(ex) + 1
     for l in range(model.cfg.n_layers):
         for name, v in md.increments[l].items():
-            assert np.all(np.isfinite(v))
+            _triangle(md.norms[l][name], v)

@@ -20,8 +20,7 @@ from minipatch.lemmas import m1
 from minipatch.m6 import trust_region
 from minipatch.model import Model
 from minipatch.models import tiny
-from helpers import CONTROL_MIN, TOL64_BLOCK, TOL64_MODEL, rel_err
-from test_families import block_checks, fam_params, moe_loop_reference
+from helpers import CONTROL_MIN, TOL64_BLOCK, TOL64_MODEL, block_checks, fam_params, moe_loop_reference, rel_err
 
 T = 16
 CONTEXT = [0, 1, 2, 3, 6, 7]          # position 0 is context: kept[0] = 4, not row 0

@@ -16,27 +16,11 @@ from hypothesis import given, strategies as st
 
 import minipatch
 from minipatch.backend import to_numpy
-from minipatch.blocks import attn_sublayer, block_forward, layer_patch
-from minipatch.config import FAMILIES
-from minipatch.controllability import take_rows
+from minipatch.blocks import attn_sublayer
 from minipatch.models import tiny
-from minipatch.ops import erf, gelu_erf, silu, softmax
+from minipatch.ops import erf, gelu_erf
 from minipatch.patches import Rank1, Shift
-from helpers import CONTROL_MIN, TOL32, TOL64_BLOCK, TOL64_MODEL, rel_err
-
-# family -> markers (pytest -m <family marker> / -m m8 grade one unit)
-MARKS = {
-    "gemma3": ("gemma", "m6", "m8"), "gemma2": ("gemma", "m6", "m8"), "llama": ("llama", "m8"),
-    "gpt2": ("gpt2", "m8"), "olmo2": ("olmo2", "m6", "m8"), "postnorm": ("postnorm", "m8"),
-    "gptj": ("parallel", "m8"), "neox": ("parallel", "m8"), "parallel": ("parallel", "m8"),
-    "mixtral": ("moe", "m8"), "qwen2_moe": ("moe", "m8"),
-    "vanilla_m3": ("vanilla", "m3"), "vanilla_m4": ("vanilla", "m4"),
-}
-
-
-def fam_params(families=FAMILIES):
-    return [pytest.param(f, id=f, marks=[getattr(pytest.mark, m) for m in MARKS[f]]) for f in families]
-
+from helpers import CONTROL_MIN, TOL32, TOL64_BLOCK, TOL64_MODEL, block_checks, fam_params, moe_loop_reference, rel_err
 
 T = 20
 CONTEXT = [1, 2, 3, 5, 8, 9, 10, 13]          # not a prefix: kept tokens sit between context tokens
@@ -44,32 +28,6 @@ CONTEXT = [1, 2, 3, 5, 8, 9, 10, 13]          # not a prefix: kept tokens sit be
 
 def tokens(seed=0, n=T):
     return np.random.default_rng(seed).integers(0, 256, n)
-
-
-def block_checks(model, tok, context, method="auto"):
-    """Per layer: (patched error, unpatched error, construction, layer patch).
-
-    Each block is checked on its own: its input is the with-context stream X_l^C at the kept
-    positions, its target the with-context block output there (MATH.md M8 / M6 / M3 / M4).
-    """
-    cfg, spec = model.cfg, model.spec
-    kept = np.setdiff1d(np.arange(len(tok)), context)
-    trace = {}
-    model.run(tok, trace=trace, head=False)
-    xp = model.xp
-    K = xp.asarray(kept)
-    out = []
-    for l, lp in enumerate(model.params["layers"]):
-        full = trace["layers"][l]
-        tr_ctx = {k: take_rows(full[k], K) for k in ("x", "a", "z", "h")}
-        tr = {}
-        attn_sublayer(spec, lp, tr_ctx["x"], cfg, l, K, trace=tr)
-        name, patch = layer_patch(spec, lp, cfg, tr, tr_ctx, method)
-        want = take_rows(full["out"], K)
-        got = block_forward(spec, lp, tr_ctx["x"], cfg, l, K, patch)
-        plain = block_forward(spec, lp, tr_ctx["x"], cfg, l, K)
-        out.append((rel_err(got, want), rel_err(plain, want), name, patch))
-    return out
 
 
 def assert_rank1(patch):
@@ -192,28 +150,6 @@ def test_m4_vanilla_block_with_skip_and_bias():
 
 
 # ---- MoE: vectorized against a dense loop over tokens and all experts ----------------------
-
-def moe_loop_reference(p, n, cfg):
-    """Plain loop: per token, softmax router, stable top-k (lower index wins ties), optional
-    renormalisation, sum over the selected experts of w_e * down_e(silu(gate_e n) * up_e n),
-    plus the sigmoid-gated shared expert."""
-    out = np.zeros_like(n)
-    for t in range(n.shape[0]):
-        probs = softmax(p["router.weight"] @ n[t])
-        top = sorted(range(cfg.n_experts), key=lambda e: -probs[e])[: cfg.top_k]
-        w = {e: probs[e] for e in top}
-        if cfg.moe_renormalize:
-            s = sum(w.values())
-            w = {e: v / s for e, v in w.items()}
-        for e in range(cfg.n_experts):     # all experts, unselected ones weighted 0
-            h = silu(p["experts.gate_proj.weight"][e] @ n[t]) * (p["experts.up_proj.weight"][e] @ n[t])
-            out[t] += w.get(e, 0.0) * (p["experts.down_proj.weight"][e] @ h)
-        if "shared.gate_proj.weight" in p:
-            hs = silu(p["shared.gate_proj.weight"] @ n[t]) * (p["shared.up_proj.weight"] @ n[t])
-            g = 1 / (1 + np.exp(-(p["shared_gate.weight"] @ n[t])))
-            out[t] += g * (p["shared.down_proj.weight"] @ hs)
-    return out
-
 
 @pytest.mark.ops
 @pytest.mark.parametrize("family", fam_params(["mixtral", "qwen2_moe"]))

@@ -32,7 +32,7 @@ def test_main_default_figure_dir_is_ignored(tmp_path, monkeypatch, capsys):
 
 def test_main_reports_failure(monkeypatch, tmp_path, capsys):
     """A failing check makes the main job exit non-zero (the check is not vacuous)."""
-    from minipatch import report
+    from minipatch.cli import report
 
     monkeypatch.setitem(report.BAR, ("model", "float64"), 1e-30)
     assert main(["--quick", "--figures", str(tmp_path)]) == 1

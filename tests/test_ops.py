@@ -112,10 +112,16 @@ def test_attention_against_per_head_loop(N, K, cap):
             p /= p.sum()
             ref[t, n] = p @ v[:, kv]
     np.testing.assert_allclose(out, ref, rtol=1e-12, atol=1e-14)
-    # einsum form quoted in the docstring
+    # the einsum forms quoted in the docstring, against the matmul scores and output
     G = N // K
     sc = np.einsum("TKGH,SKH->KGTS", q.reshape(T, K, G, H), k) * 0.3
-    assert np.allclose(sc.shape, (K, G, T, T))
+    if cap:
+        sc = cap * np.tanh(sc / cap)
+    np.testing.assert_allclose(sc, ops._scores(q, k, 0.3, cap), rtol=1e-13, atol=1e-13)
+    pr = np.exp(np.where(mask, sc, -np.inf) - np.max(np.where(mask, sc, -np.inf), axis=-1, keepdims=True))
+    pr /= pr.sum(-1, keepdims=True)
+    o = np.einsum("KGTS,SKH->TKGH", pr, v).reshape(T, N, H)
+    np.testing.assert_allclose(o, out, rtol=1e-12, atol=1e-14)
 
 
 def test_ops_do_not_mutate():

@@ -124,3 +124,54 @@ def test_audit_llama_stock_claim(capsys, monkeypatch):
     said = re.search(r"Llama behaves the same \(([0-9.e+-]+), layer 1\)", README)
     assert rc == 1 and r["first_divergent_layer"] == 1
     assert said and number_agrees(said[1], f"{r['logits_max_rel_err']:.1e}")
+
+
+# ---- the generation experiment (python -m minipatch experiment --json figures/experiment_generation.json) ----
+
+EXPERIMENT = json.loads((ROOT / "figures" / "experiment_generation.json").read_text(encoding="utf-8"))["summary"]
+
+
+def test_experiment_table_is_the_committed_results():
+    """The README's table is format_table of the committed JSON, which the quoted command writes."""
+    from minipatch.experiment_report import format_table
+
+    assert "python -m minipatch experiment --json figures/experiment_generation.json" in README
+    assert format_table(EXPERIMENT) in README
+
+
+@pytest.mark.parametrize("pattern,value", [
+    # (a README phrase with one number, the number the committed results give)
+    (r"keeps every token in float64\s+\(error ([0-9.e+-]+)\)", lambda s: s["float64/closed/m6a"]["max_abs_err"]),
+    (r"and ([0-9]+)/100 in float32", lambda s: s["float32/closed/m6a"]["agree"]),
+    (r"`δ / u\^C` reaches ([0-9.e+-]+), error still", lambda s: s["float32/closed/m6a"]["largest_scale"]),
+    (r"error still ([0-9.e+-]+)\)", lambda s: s["float32/closed/m6a"]["max_abs_err"]),
+    (r"M6c's residual scale patch \(up to ([0-9.e+-]+)\)", lambda s: s["float64/open/m6c"]["largest_scale"]),
+    (r"amplifies rounding \(float64 ([0-9.e+-]+),", lambda s: s["float64/open/m6c"]["max_abs_err"]),
+    (r"while M6d's stays near ([0-9.e+-]+),", lambda s: s["float64/open/m6d"]["largest_scale"]),
+])
+def test_experiment_prose_quotes_the_results(pattern, value):
+    said = re.search(pattern, README)
+    assert said, pattern
+    got = value(EXPERIMENT)
+    assert number_agrees(said[1], f"{got:.1e}" if isinstance(got, float) else str(got)), (said[1], got)
+
+
+@pytest.mark.parametrize("pattern,key", [
+    (r"float64 ([0-9.e+-]+) \(M6a ([0-9.e+-]+)\)", ("M7 through 12 layers", "m6d", "float64", "m6a")),
+    (r"float32 ([0-9.e+-]+) \(M6a ([0-9.e+-]+)\)\. Built", ("M7 through 12 layers", "m6d", "float32", "m6a")),
+])
+def test_m6_paragraph_quotes_the_main_job(main_quick, pattern, key):
+    """The "Gemma constructions" paragraph quotes the main job's closed-loop rows."""
+    said = re.search(pattern, README)
+    assert said, pattern
+    fresh = _rows(main_quick[1])
+    check, method, dtype, other = key
+    got = {k[2]: v[0] for k, v in fresh.items() if k[0] == check and k[3] == dtype}   # method -> rel err
+    assert number_agrees(said[1], got[method]) and number_agrees(said[2], got[other]), (said.groups(), got)
+
+
+def test_m6_paragraph_open_loop_numbers(main_quick):
+    said = re.search(r"the layers below: ([0-9.e+-]+) in float64 and ([0-9.e+-]+), i\.e\.", README)
+    fresh = _rows(main_quick[1])
+    got = {k[3]: v[0] for k, v in fresh.items() if k[0] == "M7 through 12 layers" and k[2] == "m6a/open"}
+    assert said and number_agrees(said[1], got["float64"]) and number_agrees(said[2], got["float32"]), got

@@ -144,8 +144,18 @@ def test_experiment_prompts_are_the_fixture_prompts():
     assert list(PROMPTS) == [p["text"] for p in meta["prompts"]]
 
 
+def _bf16_bits(a):
+    """Round float32 ``a`` to bfloat16 by its bits (round to nearest, ties to even), written
+    independently of ml_dtypes: keep the top 16 bits after adding 0x7FFF plus the lowest kept bit."""
+    bits = np.ascontiguousarray(a, dtype=np.float32).view(np.uint32).astype(np.uint64)
+    rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+    return rounded.astype(np.uint32).view(np.float32)
+
+
 def test_bf16_round_patches():
-    """Simulated bfloat16: every patch factor lands on the bf16 grid; the patch types are kept."""
+    """Simulated bfloat16 (ml_dtypes) against a bit-level rounding: every patch factor and a
+    sweep of values with ties; the patch types are kept."""
+    pytest.importorskip("ml_dtypes", reason="needs ml_dtypes: pip install -e '.[real]'")
     from minipatch.experiment import bf16_round, round_patches
     from minipatch.models import tiny_gemma
 
@@ -153,14 +163,20 @@ def test_bf16_round_patches():
     tok = np.arange(1, 9) % model.cfg.vocab_size
     res = mp.absorb(model, tok, np.arange(1, 5))
     rp = round_patches(res.patches)
+    n = 0
     for lp, lq in zip(res.patches.layers, rp.layers):
         assert {k: type(v) for k, v in lp.items()} == {k: type(v) for k, v in lq.items()}
-        for q in lq.values():
-            for a in vars(q).values():
+        for k in lp:
+            for a, b in zip(vars(lp[k]).values(), vars(lq[k]).values()):
                 if a is not None:
-                    np.testing.assert_array_equal(bf16_round(a), a)   # idempotent: already bf16 values
-    x = np.float32(1 + 2 ** -9)
-    assert bf16_round(x) == 1.0 and bf16_round(np.float32(1 + 2 ** -7)) == np.float32(1 + 2 ** -7)
+                    np.testing.assert_array_equal(b, _bf16_bits(a))
+                    n += 1
+    assert n >= 10
+    rng = np.random.default_rng(0)
+    x = np.concatenate([rng.standard_normal(10000).astype(np.float32) * 10.0 ** rng.integers(-30, 30, 10000),
+                        np.float32([1 + 2 ** -8, 1 + 3 * 2 ** -8, -(1 + 2 ** -8), 0.0, -0.0])])  # ties
+    np.testing.assert_array_equal(bf16_round(x), _bf16_bits(x))
+    assert bf16_round(np.float32(1 + 2 ** -8)) == 1.0 and bf16_round(np.float32(1 + 3 * 2 ** -8)) == 1 + 2 ** -6
 
 
 def test_experiment_float64_m6c(real_gemma64, real_tokenizer):

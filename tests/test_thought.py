@@ -155,7 +155,12 @@ def test_condensation_curve_shapes():
     assert list(cur["n_tokens"]) == [3, 12]
     for k, v in cur.items():
         assert v.shape == (2,) and np.all(np.isfinite(v))
-    assert np.all(cur["kl_base"] == cur["kl_base"][0])
+    assert np.all(cur["kl_base"] == cur["kl_base"][0]) and cur["kl_base"][0] > 1e-3
+    assert np.all(cur["kl"] >= -1e-12) and np.all((cur["top1"] >= 0) & (cur["top1"] <= 1))
+    # the condensed model is closer to the with-context one on its calibration tokens than the
+    # model without context (Gemma's norm-scale patches are fitted by one constant, so even 3
+    # tokens leave a residual; the exact case, Llama-style, is test_condense_exact_*)
+    assert np.all(cur["calib_kl"] < cur["kl_base"]) and np.all(cur["max_rel_residual"] > 1e-3)
 
 
 @pytest.mark.real
@@ -167,4 +172,8 @@ def test_real_persona(real_gemma):
     out = persona_experiment(model, encode, "You are a pirate. Answer like a pirate.\n",
                              ["Q: What is your name?\nA:", "Q: Where do you live?\nA:"],
                              ["Q: What do you eat?\nA:"])
-    assert np.isfinite(out["heldout"]["kl"]) and 0 <= out["heldout"]["top1"] <= 1
+    h, c = out["heldout"], out["calib"]
+    assert 0 <= h["top1"] <= 1 and h["kl_base"] > 0.5
+    # the condensed persona moves the model towards the with-persona one, on the calibration
+    # questions and on a new one
+    assert c["kl"] < c["kl_base"] and h["kl"] < h["kl_base"], (c, h)

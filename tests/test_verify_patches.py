@@ -20,7 +20,7 @@ from helpers import FIXTURES, load_npz
 from minipatch.__main__ import main
 from minipatch.audit.verify import verify
 from minipatch.audit.flaws import FLAWS, mixed_expert_split
-from minipatch.audit.verify_cli import KEYS
+from minipatch.cli.verify_patches import KEYS
 from minipatch.patchfile import cast_patches as cast
 from minipatch.patches import Dense, Patches, Rank1
 

@@ -5,27 +5,16 @@
     python -m minipatch verify-patches CHECKPOINT PATCHES.npz --tokens ...     # another's patches
 
 Modules: :mod:`.reference` (the reference file), :mod:`.sublayers` (the sublayer list and the
-divergence scan), :mod:`.compare` (the audit), :mod:`.cli` (its command), :mod:`.verify` and
-:mod:`.constructions` (verify-patches), :mod:`.verify_cli`, :mod:`.reference_cli` (the
-``reference`` command; Hugging Face itself is driven by :mod:`minipatch.hf_reference`). File
-layouts: FORMATS.md.
+divergence scan), :mod:`.compare` (the audit), :mod:`.verify` and :mod:`.constructions`
+(verify-patches), :mod:`.flaws` (patch sets as others might make them). Hugging Face itself is
+driven by :mod:`minipatch.hf_reference`; the commands are :mod:`minipatch.cli.audit`,
+:mod:`minipatch.cli.reference` and :mod:`minipatch.cli.verify_patches`. File layouts: FORMATS.md.
 """
 from __future__ import annotations
 
-from .cli import add_parser, format_report, run
 from .compare import KEYS, audit
 from .reference import load_reference, read_reference
 from .sublayers import SUBLAYERS
+from .verify import verify, verify_file
 
-
-def add_kit_parsers(sub):
-    """Register ``reference`` and ``verify-patches`` (``audit`` is :func:`add_parser`)."""
-    from .reference_cli import add_parser as add_reference
-    from .verify_cli import add_parser as add_verify
-
-    add_reference(sub)
-    add_verify(sub)
-
-
-__all__ = ["KEYS", "SUBLAYERS", "audit", "read_reference", "load_reference", "format_report", "add_parser",
-           "run", "add_kit_parsers"]
+__all__ = ["KEYS", "SUBLAYERS", "audit", "read_reference", "load_reference", "verify", "verify_file"]

@@ -82,7 +82,7 @@ def verify(model, inputs, patches, context=None, window_by="position", rtol=1e-9
       patch_rtol: bar for a patch to equal one of minipatch's constructions.
       method: the construction reported as minipatch's choice ('auto').
     Returns:
-      the result dict (module docstring; keys of ``verify_cli.KEYS`` and per-layer details).
+      the result dict (module docstring; keys of ``minipatch.cli.verify_patches.KEYS`` and per-layer details).
     """
     T = int(np.shape(inputs)[0])
     kept, context = split(T, patches.positions, context)
@@ -113,6 +113,36 @@ def verify(model, inputs, patches, context=None, window_by="position", rtol=1e-9
     r["control_ok"] = r["unpatched_max_rel_err"] > rtol
     r["ok"] = bool(exact and r["control_ok"] and r["rank_ok"])
     r["verdict"] = _summary(r, exact)
+    return r
+
+
+def verify_file(checkpoint, patch_path, tokens=None, context=None, dtype="float64", rtol=1e-9, patch_rtol=1e-6,
+                method="auto"):
+    """Load the model and the patch file, then :func:`verify`; returns the result dict (with
+    ``path``, ``patches``, ``dtype`` and ``notes``).
+
+    ``tokens`` (int [T]) default to the file's ``input_ids``; ``context`` (positions) to the
+    file's, else every position not kept. Patches of another floating dtype than the model's are
+    cast to it (exact from float32 to float64), with a note.
+    """
+    from .. import load
+    from ..patchfile import cast_patches, load_patches
+
+    model = load(checkpoint, dtype=dtype)
+    got = load_patches(patch_path, model)
+    notes = []
+    ids = np.asarray(tokens, dtype=np.int64) if tokens is not None else got.input_ids
+    if ids is None:
+        raise InputError(f"{patch_path} has no input_ids: pass --tokens (the with-context token ids)")
+    if tokens is not None and got.input_ids is not None and not np.array_equal(ids, got.input_ids):
+        raise InputError(f"--tokens differ from the input_ids stored in {patch_path}")
+    ctx = got.context if got.context is not None else context
+    patches = got.patches
+    if got.dtype is not None and got.dtype != np.dtype(dtype):
+        notes.append(f"the patches are {got.dtype}; cast to the model's {dtype}")
+        patches = cast_patches(patches, np.dtype(dtype))
+    r = verify(model, ids, patches, ctx, got.window_by, rtol, patch_rtol, method)
+    r.update(path=str(checkpoint), patches=str(patch_path), dtype=str(dtype), notes=notes)
     return r
 
 

@@ -34,52 +34,63 @@ IMPORTS = {
                 "from minipatch.thought import RankDeficientWarning"],
 }
 
-# MATH.md paragraphs quoted in each task statement: (label paragraphs, section headings)
+# MATH.md quoted in each task statement: (labels whose "### <label>" subsections are quoted,
+# sections whose preamble, up to their first subsection, is quoted; a section without labels
+# is quoted whole)
 EXCERPTS = {
-    "m1m2": (["M1", "M2"], []), "m3m4": (["M3", "M4"], []), "m5": (["M5"], []),
-    "m6": (["M6a", "M6b", "M6c", "M6c with exact zeros", "M6d"], ["## 3."]),
-    "m6a": (["M6a"], ["## 3."]), "m6b": (["M6b"], ["## 3."]),
-    "m6c": (["M6c", "M6c with exact zeros"], ["## 3."]), "m6d": (["M6d"], ["## 3."]),
-    "m7": ([], ["## 4."]), "m8": (["M8"], ["## 5."]), "thought": ([], ["## 6."]),
+    "m1m2": (["M1", "M2", "Properties of M1 and M2"], []), "m3m4": (["M3", "M4"], []),
+    "m5": (["M5", "M5 through a model"], []),
+    "m6": (["M6", "M6a", "M6b", "M6c", "M6c with exact zeros", "M6d"], ["## 3."]),
+    "m6a": (["M6", "M6a"], ["## 3."]), "m6b": (["M6", "M6b"], ["## 3."]),
+    "m6c": (["M6", "M6c", "M6c with exact zeros"], ["## 3."]), "m6d": (["M6", "M6d"], ["## 3."]),
+    "m7": ([], ["## 4."]), "m8": ([], ["## 5."]), "thought": ([], ["## 6."]),
 }
 
 
 def math_md():
-    """MATH.md's text: $MINIPATCH_MATH, the repository root, or ../shared beside it; None if absent."""
+    """The text of the repository's MATH.md ($MINIPATCH_MATH overrides); None if absent (an
+    installed copy without the repository)."""
     root = Path(__file__).resolve().parents[2]
-    for p in (os.environ.get("MINIPATCH_MATH"), root / "MATH.md", root.parent / "shared" / "MATH.md"):
+    for p in (os.environ.get("MINIPATCH_MATH"), root / "MATH.md"):
         if p and Path(p).is_file():
-            return Path(p).read_text()
+            return Path(p).read_text(encoding="utf-8")
     return None
 
 
+def _blocks(text):
+    """MATH.md split at its headings: [(heading line or '', body lines)]."""
+    out = [("", [])]
+    for line in text.splitlines():
+        if line.startswith("#"):
+            out.append((line, []))
+        else:
+            out[-1][1].append(line)
+    return out
+
+
 def excerpt(text, labels, sections):
-    """The paragraphs of ``text`` opening with ``**<label>`` and the sections ``sections`` (a
-    section's own preamble only when it also has labelled paragraphs asked for)."""
-    paras = text.split("\n\n")
-    out = []
+    """The MATH.md text a unit quotes: each section in ``sections`` (heading prefix such as
+    '## 3.': its preamble when ``labels`` are given, else the whole section) and each
+    subsection '### <label>' or '### <label> ...' of ``labels`` (the first that matches), in
+    MATH.md's order."""
+    blocks = _blocks(text)
+    keep = set()
     for head in sections:
-        start = next((i for i, p in enumerate(paras) if p.startswith(head)), None)
+        start = next((i for i, (h, _) in enumerate(blocks) if h.startswith(head)), None)
         if start is None:
             continue
-        for p in paras[start:]:
-            if p is not paras[start] and (p.startswith("## ") or (labels and p.startswith("**"))):
+        keep.add(start)
+        for i in range(start + 1, len(blocks)):
+            if blocks[i][0].startswith("## ") or labels:
                 break
-            out.append(p)
+            keep.add(i)
     for label in labels:
-        for i, p in enumerate(paras):
-            if p.startswith(f"**{label}") and p[len(label) + 2:len(label) + 3] in (" ", ".", "*"):
-                out.append(p)
-                out += [q for q in _continuation(paras[i + 1:])]
+        for i, (h, _) in enumerate(blocks):
+            title = h.lstrip("#").strip()
+            if h.startswith("### ") and (title == label or title.startswith(label + " ")):
+                keep.add(i)
                 break
-    return "\n\n".join(dict.fromkeys(out))
-
-
-def _continuation(paras):
-    for p in paras:
-        if p.startswith(("**", "#")):
-            return
-        yield p
+    return "\n".join("\n".join([blocks[i][0]] + blocks[i][1]) for i in sorted(keep)).strip()
 
 
 def stub_source(u):
@@ -158,7 +169,7 @@ def readme_source(u):
     key = u.name if u.name in EXCERPTS else u.parent
     text = math_md()
     math = excerpt(text, *EXCERPTS[key]) if text else (
-        "(MATH.md is kept beside the repository, ../shared/MATH.md; it was not found here. "
+        "(MATH.md, at the root of the minipatch repository, was not found here. "
         "Each function's docstring states its formula.)")
     groups = sorted({c.group for c in pub}, key=list(GROUP_TITLES).index)
     fn_lines = [f"- `{n}{inspect.signature(getattr(reference, n))}`: "

@@ -21,7 +21,7 @@ from ..errors import ModelFileError, ShapeError
 from .hf_tables import (GEMMA, GPT2, GPTJ, IGNORED, LLAMA, MIXTRAL, OLMO2, PHI,  # noqa: F401
                         QWEN2_MOE, QWEN3, neox_table)
 
-from .config_check import ACTIVATIONS, HF_DEFAULTS, check_tensor_index, layer_indices, model_config  # noqa: F401
+from .config_check import HF_DEFAULTS, check_tensor_index, layer_indices, model_config
 
 # model_type -> name table, or a table builder taking the config dict (GPT-NeoX's fused QKV)
 TABLES = {

@@ -16,11 +16,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import models
-from .absorb import absorb, check_block, greedy, patched_forward
-from .backend import to_numpy
-from .lemmas import m1, m2
-from .patches import Rank1
+from .. import models
+from ..absorb import absorb, check_block, greedy, patched_forward
+from ..backend import to_numpy
+from ..lemmas import m1, m2
+from ..patches import Rank1
 
 BAR = {("block", "float64"): 1e-12, ("model", "float64"): 1e-10,
        ("block", "float32"): 1e-4, ("model", "float32"): 1e-4}
@@ -182,7 +182,7 @@ def gemma_rows(curves=None):
 def family_rows():
     """Every declared block family, float64 and float32, through the model (method 'auto')."""
     rows = []
-    from .blocks import FAMILY_SPECS
+    from ..blocks import FAMILY_SPECS
 
     for fam in sorted(set(FAMILY_SPECS) - {"gemma3"}):      # gemma3 has its own table above
         for dt in (np.float64, np.float32):

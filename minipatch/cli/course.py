@@ -9,7 +9,7 @@ from ..errors import InputError
 
 
 def assignment_main(args):
-    from .assignment import write_assignment
+    from ..course.assignment import write_assignment
 
     try:
         paths = write_assignment(args.unit, args.out, args.force)
@@ -21,7 +21,7 @@ def assignment_main(args):
 
 
 def grade_main(args):
-    from .grade import format_text, grade_dir, grade_many, gradescope, summary
+    from ..course.grade import format_text, grade_dir, grade_many, gradescope, summary
 
     kw = dict(timeout=args.timeout, check_timeout=args.check_timeout)
     try:
@@ -52,7 +52,7 @@ def grade_main(args):
 
 def add_parsers(sub):
     """Register ``assignment`` and ``grade`` on the main parser's subparsers."""
-    from .units import UNITS
+    from ..course.units import UNITS
 
     a = sub.add_parser("assignment", help="write a student folder for one unit (stubs, adapters, public tests, task)")
     a.add_argument("unit", choices=list(UNITS))

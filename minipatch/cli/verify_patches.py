@@ -5,53 +5,24 @@
 
 PATCHES.npz is a patch file (FORMATS.md, :mod:`minipatch.patchfile`); the tokens are the
 with-context sequence (``--tokens``, else the file's ``input_ids``), the context the file's
-``context`` (else ``--context``, else every position not kept). Patches of another floating
-dtype than the model's are cast to it (exact from float32 to float64) with a note. What is
-checked and the verdicts: :mod:`minipatch.audit.verify`. Exit status as ``audit``: 0 ok, 1 not
+``context`` (else ``--context``, else every position not kept). What is checked and the
+verdicts: :mod:`minipatch.audit.verify` (:func:`~minipatch.audit.verify.verify_file`). Exit status as ``audit``: 0 ok, 1 not
 ok, 2 bad input (a named error).
 """
 from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
-
-from ..errors import InputError, MinipatchError, ModelFileError
-from ..patchfile import cast_patches
-from .cli import closing_lines, divergence_line, fail, to_json
-from .verify import verify
+from ..audit.verify import verify_file
+from ..errors import MinipatchError, ModelFileError
+from .audit import closing_lines, divergence_line, fail, to_json
+from .reference import parse_positions, read_tokens
 
 KEYS = ("arch", "ok", "verdict", "logits_max_rel_err", "unpatched_max_rel_err", "control_ok",
         "first_divergent_layer", "first_divergent_sublayer", "sublayer_rel_err", "sublayer_before",
         "sublayer_rel_err_before", "culprit", "max_rank", "rank_ok", "layers", "hidden_state_rel_errs",
         "sublayer_rel_errs", "notes")
 """The keys of ``--json`` (always present; null where a check does not apply)."""
-
-
-def verify_file(checkpoint, patch_path, tokens=None, context=None, dtype="float64", rtol=1e-9, patch_rtol=1e-6,
-                method="auto"):
-    """Load the model and the patch file, then :func:`~minipatch.audit.verify.verify`; returns
-    the result dict (with ``path``, ``patches``, ``dtype`` and ``notes``)."""
-    from .. import load
-    from ..patchfile import load_patches
-    from .reference_cli import parse_positions, read_tokens
-
-    model = load(checkpoint, dtype=dtype)
-    got = load_patches(patch_path, model)
-    notes = []
-    ids = read_tokens(tokens) if tokens is not None else got.input_ids
-    if ids is None:
-        raise InputError(f"{patch_path} has no input_ids: pass --tokens (the with-context token ids)")
-    if tokens is not None and got.input_ids is not None and not np.array_equal(ids, got.input_ids):
-        raise InputError(f"--tokens differ from the input_ids stored in {patch_path}")
-    ctx = got.context if got.context is not None else (None if context is None else parse_positions(context))
-    patches = got.patches
-    if got.dtype is not None and got.dtype != np.dtype(dtype):
-        notes.append(f"the patches are {got.dtype}; cast to the model's {dtype}")
-        patches = cast_patches(patches, np.dtype(dtype))
-    r = verify(model, ids, patches, ctx, got.window_by, rtol, patch_rtol, method)
-    r.update(path=str(checkpoint), patches=str(patch_path), dtype=str(dtype), notes=notes)
-    return r
 
 
 def format_report(r):
@@ -91,8 +62,10 @@ def run(args):
     """Run ``verify-patches``: exit status 0 if ok, 1 if not ok, 2 on bad input."""
     try:
         try:
-            r = verify_file(Path(args.checkpoint), Path(args.patches), args.tokens, args.context, args.dtype,
-                            args.rtol, args.patch_rtol)
+            ids = None if args.tokens is None else read_tokens(args.tokens)
+            ctx = None if args.context is None else parse_positions(args.context)
+            r = verify_file(Path(args.checkpoint), Path(args.patches), ids, ctx, args.dtype, args.rtol,
+                            args.patch_rtol)
         except MemoryError:
             raise ModelFileError(f"{args.patches}: verifying these patches needs more memory than this machine "
                                  "has") from None

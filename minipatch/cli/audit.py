@@ -11,8 +11,8 @@ import sys
 from pathlib import Path
 
 from ..errors import MinipatchError, ModelFileError
-from .compare import KEYS, audit
-from .sublayers import describe
+from ..audit.compare import KEYS, audit
+from ..audit.sublayers import describe
 
 
 def _where(i, n):

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import InputError, MinipatchError, ModelFileError
-from .cli import fail
+from .audit import fail
 
 
 def read_tokens(text):
