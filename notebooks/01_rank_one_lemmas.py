@@ -31,9 +31,7 @@
 # non-uniqueness, the factored application cost, and what happens when `a = 0`.
 
 # %%
-import os
 import time
-from pathlib import Path
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -41,15 +39,9 @@ import numpy as np
 import minipatch
 from minipatch import NotControllableError, Rank1
 from minipatch.lemmas import m1, m2, pinv_form
-
-FIG = Path(os.environ.get("MINIPATCH_FIGURES", "../output/figures"))   # build tool: the committed figures/
-FIG.mkdir(parents=True, exist_ok=True)
+from minipatch.figures import show
 
 
-def show(fig, name):
-    """Save ``fig`` as FIG/name and display it inline."""
-    fig.savefig(FIG / name, dpi=110, metadata={"Software": None})
-    plt.show()
 
 
 rng = np.random.default_rng(0)

@@ -44,8 +44,6 @@
 # preconditions bite.
 
 # %%
-import os
-from pathlib import Path
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -57,24 +55,14 @@ from minipatch.controllability import check_output_controllable
 from minipatch.models import tiny_gemma
 from minipatch.ops import gelu_tanh, rms_unit
 from minipatch.patches import linear, norm
+from minipatch.figures import show
+from minipatch.metrics import rel_err
 
-FIG = Path(os.environ.get("MINIPATCH_FIGURES", "../output/figures"))   # build tool: the committed figures/
-FIG.mkdir(parents=True, exist_ok=True)
 
-
-def show(fig, name):
-    """Save ``fig`` as FIG/name and display it inline."""
-    fig.savefig(FIG / name, dpi=110, metadata={"Software": None})
-    plt.show()
 
 
 METHODS = m6.METHODS                        # ("m6a", "m6b", "m6c", "m6d")
 
-
-def rel(a, b):
-    """max |a - b| / max |b| in float64 (the tolerance convention of MATH.md §8)."""
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
 
 
 model = tiny_gemma(seed=0)
@@ -138,11 +126,11 @@ patches, errs = {}, {}
 for meth in METHODS:
     name, patch = layer_patch(spec, lp, cfg, noctx, ctx, meth)
     out = block_forward(spec, lp, ctx["x"], cfg, LAYER, kept, patch)
-    patches[meth], errs[meth] = patch, rel(out, ctx["out"])
+    patches[meth], errs[meth] = patch, rel_err(out, ctx["out"])
     kinds = {k: type(v).__name__ + ("(add)" if isinstance(v, Scale) and v.add is not None else "")
              + ("(mul)" if isinstance(v, Scale) and v.mul is not None else "") for k, v in patch.items()}
     print(f"{meth}: rel err {errs[meth]:.1e}   patches {kinds}")
-control = rel(block_forward(spec, lp, ctx["x"], cfg, LAYER, kept), ctx["out"])
+control = rel_err(block_forward(spec, lp, ctx["x"], cfg, LAYER, kept), ctx["out"])
 print(f"unpatched control: {control:.2e}")
 assert set(patches["m6a"]) == {"gate_proj.weight", "up_proj.weight", "mlp_post_norm.weight"}
 assert set(patches["m6b"]) == set(patches["m6c"]) == set(patches["m6d"]) == set(patches["m6a"]) | {"down_proj.weight"}
@@ -271,7 +259,7 @@ def mlp_by_hand(lp, y, cfg, patch=None, q=lambda a: a):
 
 
 for meth in METHODS:     # the hand-written sublayer is the library's, to rounding
-    assert rel(mlp_by_hand(lp, y, cfg, patches[meth]), ctx["out"]) <= 1e-12
+    assert rel_err(mlp_by_hand(lp, y, cfg, patches[meth]), ctx["out"]) <= 1e-12
 
 lp32 = {k: v.astype(np.float32) for k, v in lp.items()}
 y32, y_c32 = y.astype(np.float32), y_c.astype(np.float32)
@@ -286,14 +274,14 @@ for dt in (np.float64, np.float32):
     for meth in METHODS:
         _, patch_d = layer_patch(spec, lpd, cfg, noctx_d, ctx_d, meth)
         out_d = block_forward(spec, lpd, ctx_d["x"], cfg, LAYER, kept, patch_d)
-        table[(np.dtype(dt).name, meth)] = rel(out_d, ctx["out"])
-    table[(np.dtype(dt).name, "floor")] = rel(ctx_d["out"], ctx["out"])
+        table[(np.dtype(dt).name, meth)] = rel_err(out_d, ctx["out"])
+    table[(np.dtype(dt).name, "floor")] = rel_err(ctx_d["out"], ctx["out"])
 if bfloat16 is not None:
     for meth in METHODS:
         _, patch32 = layer_patch(spec, lp32, cfg, {k: v.astype(np.float32) for k, v in noctx.items()},
                                  {k: v.astype(np.float32) for k, v in ctx.items()}, meth)
-        table[("bfloat16", meth)] = rel(mlp_by_hand(lp32, y32, cfg, patch32, q_bf16), ctx["out"])
-    table[("bfloat16", "floor")] = rel(mlp_by_hand(lp32, y_c32, cfg, None, q_bf16), ctx["out"])
+        table[("bfloat16", meth)] = rel_err(mlp_by_hand(lp32, y32, cfg, patch32, q_bf16), ctx["out"])
+    table[("bfloat16", "floor")] = rel_err(mlp_by_hand(lp32, y_c32, cfg, None, q_bf16), ctx["out"])
 dts = ["float64", "float32"] + (["bfloat16"] if bfloat16 is not None else [])
 print("relative error of the patched block vs float64 out^C")
 print("           " + "".join(f"{d:>12s}" for d in dts))
@@ -361,8 +349,8 @@ for meth in METHODS:
         # open loop: each layer's patch built on the with-context stream (MATH.md M7, order of
         # construction); the default closed loop cancels the drift this amplifies (notebook 06)
         res = minipatch.absorb(mdl, tok_w, ctx_w, method=meth, order="open")
-        wide_err[(dt, meth)] = rel(minipatch.patched_forward(mdl, tok_w, res), ref_w)
-wide_err[("float32", "unpatched")] = rel(wide32.forward(tok_w[kept_w], positions=kept_w), ref_w)
+        wide_err[(dt, meth)] = rel_err(minipatch.patched_forward(mdl, tok_w, res), ref_w)
+wide_err[("float32", "unpatched")] = rel_err(wide32.forward(tok_w[kept_w], positions=kept_w), ref_w)
 print("wide model, logits at kept positions, rel err:")
 for k, v in wide_err.items():
     print(f"  {k[0]:8s} {k[1]:10s} {v:.2e}")
@@ -504,7 +492,7 @@ def post_norm_errors(s_vec, h_, W_, delta_, noise=1e-13):
             got = pt.scale.multiplier(sd) * rms_unit(m_, eps)
             if dt is np.float64:
                 row.append(float(np.max(np.abs(pt.scale.multiplier(sd) - sd))))
-            row.append(rel(got, t_))
+            row.append(rel_err(got, t_))
         else:
             out[meth] = tuple(row)
     return out

@@ -30,29 +30,17 @@
 # the unpatched model as control, and then generate text both ways.
 
 # %%
-import os
-from pathlib import Path
 
 import matplotlib.pyplot as plt
 import numpy as np
 
 import minipatch
 from minipatch.models import tiny_gemma
-
-FIG = Path(os.environ.get("MINIPATCH_FIGURES", "../output/figures"))   # build tool: the committed figures/
-FIG.mkdir(parents=True, exist_ok=True)
-
-
-def show(fig, name):
-    """Save ``fig`` as FIG/name and display it inline."""
-    fig.savefig(FIG / name, dpi=110, metadata={"Software": None})
-    plt.show()
+from minipatch.figures import show
+from minipatch.metrics import rel_err
 
 
-def rel(a, b):
-    """max |a - b| / max |b| in float64 (MATH.md §8)."""
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
+
 
 
 model = tiny_gemma(seed=0, n_layers=12)
@@ -99,16 +87,16 @@ logits_ctx = model.forward(tokens, trace=tr_ctx)
 logits_pat = minipatch.patched_forward(model, tokens, res, trace=tr_pat)
 logits_ctl = model.forward(tokens[kept], positions=kept, trace=tr_ctl)
 
-err_pat = np.array([rel(p, c[kept]) for p, c in zip(tr_pat["hidden_states"], tr_ctx["hidden_states"])])
-err_ctl = np.array([rel(u, c[kept]) for u, c in zip(tr_ctl["hidden_states"], tr_ctx["hidden_states"])])
+err_pat = np.array([rel_err(p, c[kept]) for p, c in zip(tr_pat["hidden_states"], tr_ctx["hidden_states"])])
+err_ctl = np.array([rel_err(u, c[kept]) for u, c in zip(tr_ctl["hidden_states"], tr_ctx["hidden_states"])])
 print(" layer   patched    unpatched")
 for l, (e, c) in enumerate(zip(err_pat, err_ctl)):
     print(f"  {l:3d}   {e:9.2e}   {c:9.2e}")
-print(f"logits: patched {rel(logits_pat, logits_ctx[kept]):.2e}   unpatched {rel(logits_ctl, logits_ctx[kept]):.2e}")
+print(f"logits: patched {rel_err(logits_pat, logits_ctx[kept]):.2e}   unpatched {rel_err(logits_ctl, logits_ctx[kept]):.2e}")
 assert err_pat[0] == 0 and err_ctl[0] == 0                 # the embedding does not see the context
 assert np.all(err_pat <= 1e-10)                             # MATH.md §8: <= 1e-10 through 12 layers
 assert np.all(err_ctl[1:] >= 1e-3)                          # the negative control
-assert rel(logits_pat, logits_ctx[kept]) <= 1e-10 and rel(logits_ctl, logits_ctx[kept]) >= 1e-3
+assert rel_err(logits_pat, logits_ctx[kept]) <= 1e-10 and rel_err(logits_ctl, logits_ctx[kept]) >= 1e-3
 
 # %% [markdown]
 # Every patch is token-dependent and of rank at most one on each weight it touches. It can be
@@ -158,7 +146,7 @@ show(fig, "03_error_per_layer.png")
 errs = {}
 for meth in ("m6a", "m6b", "m6c", "m6d"):
     r = minipatch.absorb(model, tokens, context, method=meth)
-    errs[meth] = rel(minipatch.patched_forward(model, tokens, r), logits_ctx[kept])
+    errs[meth] = rel_err(minipatch.patched_forward(model, tokens, r), logits_ctx[kept])
     gate = [float(np.median(n["gate_proj.weight"])) for n in r.patches.norms()]
     dg = max(float(np.max(np.abs(lp["mlp_post_norm.weight"].multiplier(p["mlp_post_norm.weight"] + cfg.norm_offset)
                                  - (p["mlp_post_norm.weight"] + cfg.norm_offset))))
@@ -186,7 +174,7 @@ ids_ctl, _ = minipatch.greedy(model, tokens[kept], n_new)
 print("with context     :", ids_ctx.tolist())
 print("absorbed (M7)    :", ids_abs.tolist())
 print("kept tokens only :", ids_ctl.tolist())
-print(f"max rel err of the per-step logits: {rel(steps_abs, steps_ctx):.1e}")
+print(f"max rel err of the per-step logits: {rel_err(steps_abs, steps_ctx):.1e}")
 assert np.array_equal(ids_ctx, ids_abs)
-assert rel(steps_abs, steps_ctx) <= 1e-10
+assert rel_err(steps_abs, steps_ctx) <= 1e-10
 assert not np.array_equal(ids_ctl, ids_ctx)

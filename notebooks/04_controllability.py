@@ -31,8 +31,6 @@
 # executable checks, computes MATH.md's witness table live, and composes the witnesses (M8).
 
 # %%
-import os
-from pathlib import Path
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -42,15 +40,9 @@ from minipatch import NotControllableError
 from minipatch.controllability import (GatedInner, IdentityActInner, max_abs_diff, check_input_controllable,
                                        check_output_controllable, m8)
 from minipatch.models import tiny
-
-FIG = Path(os.environ.get("MINIPATCH_FIGURES", "../output/figures"))   # build tool: the committed figures/
-FIG.mkdir(parents=True, exist_ok=True)
+from minipatch.figures import show
 
 
-def show(fig, name):
-    """Save ``fig`` as FIG/name and display it inline."""
-    fig.savefig(FIG / name, dpi=110, metadata={"Software": None})
-    plt.show()
 
 
 rng = np.random.default_rng(0)

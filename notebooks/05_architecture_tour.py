@@ -29,7 +29,6 @@
 # the tiny reference checkpoints in `tests/fixtures/`.
 
 # %%
-import os
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -38,25 +37,16 @@ import numpy as np
 import minipatch
 from minipatch.config import FAMILIES
 from minipatch.models import tiny
+from minipatch.figures import show
+from minipatch.metrics import rel_err
 
-FIG = Path(os.environ.get("MINIPATCH_FIGURES", "../output/figures"))   # build tool: the committed figures/
-FIG.mkdir(parents=True, exist_ok=True)
 
-
-def show(fig, name):
-    """Save ``fig`` as FIG/name and display it inline."""
-    fig.savefig(FIG / name, dpi=110, metadata={"Software": None})
-    plt.show()
 
 
 T = 24
 CONTEXT = [1, 2, 3, 4, 5, 6, 9, 10, 11, 15]           # not a prefix: kept tokens sit in between
 tok = np.random.default_rng(0).integers(0, 256, T)
 
-
-def rel(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.abs(a - b).max() / np.abs(b).max())
 
 
 print("families:", ", ".join(FAMILIES))
@@ -118,11 +108,11 @@ print(f"{'family':10s} {'float64':>9s} {'float32':>9s} {'no patch':>9s}")
 for family, r in rows.items():
     model, res = r["model"], r["res"]
     ref = model.forward(tok)[res.kept]
-    r["e64"] = rel(minipatch.patched_forward(model, tok, res), ref)
+    r["e64"] = rel_err(minipatch.patched_forward(model, tok, res), ref)
     m32 = model.astype(np.float32)
     r32 = minipatch.absorb(m32, tok, CONTEXT)
-    r["e32"] = rel(minipatch.patched_forward(m32, tok, r32), ref)
-    r["ctrl"] = rel(model.forward(tok[res.kept], positions=res.kept), ref)
+    r["e32"] = rel_err(minipatch.patched_forward(m32, tok, r32), ref)
+    r["ctrl"] = rel_err(model.forward(tok[res.kept], positions=res.kept), ref)
     print(f"{family:10s} {r['e64']:9.1e} {r['e32']:9.1e} {r['ctrl']:9.2f}")
     assert r["e64"] <= 1e-10 and r["e32"] <= 1e-4 and r["ctrl"] >= 1e-3
 
@@ -177,11 +167,11 @@ for d in found:
     tr = {}
     logits = model.forward(ref["input_ids"], trace=tr)
     K = ref["kept_positions"]
-    e = dict(logits=rel(logits, ref["logits"]), hidden=rel(np.stack(tr["hidden_states"]), ref["hidden_states"]),
-             kept=rel(model.forward(ref["input_ids"][K], positions=K, window_by="index"), ref["logits_kept_only"]))
+    e = dict(logits=rel_err(logits, ref["logits"]), hidden=rel_err(np.stack(tr["hidden_states"]), ref["hidden_states"]),
+             kept=rel_err(model.forward(ref["input_ids"][K], positions=K, window_by="index"), ref["logits_kept_only"]))
     res = minipatch.absorb(model, ref["input_ids"], ref["context_positions"])
-    e["theorem"] = rel(minipatch.patched_forward(model, ref["input_ids"], res), ref["logits"][K])
-    e["control"] = rel(ref["logits_kept_only"], ref["logits"][K])
+    e["theorem"] = rel_err(minipatch.patched_forward(model, ref["input_ids"], res), ref["logits"][K])
+    e["control"] = rel_err(ref["logits_kept_only"], ref["logits"][K])
     print(f"{d.name:10s} {model.cfg.family:10s} " + " ".join(f"{e[k]:8.1e}" for k in e))
     assert max(e["logits"], e["hidden"], e["kept"]) <= 1e-12 and e["theorem"] <= 1e-10 and e["control"] > 1e-3
 print(len(found), "checkpoints checked")

@@ -34,7 +34,6 @@
 
 # %%
 import json
-import os
 import time
 import warnings
 from pathlib import Path
@@ -51,20 +50,11 @@ from minipatch.io.gguf import gemma3_270m_path, read_gguf_metadata
 from minipatch.io.tokenizer import decode, encode, tokenizer_from_gguf
 from minipatch.patches import Scale
 from minipatch.thought import RankDeficientWarning, persona_experiment
-
-FIG = Path(os.environ.get("MINIPATCH_FIGURES", "../output/figures"))   # build tool: the committed figures/
-FIG.mkdir(parents=True, exist_ok=True)
-
-
-def show(fig, name):
-    """Save ``fig`` as FIG/name and display it inline."""
-    fig.savefig(FIG / name, dpi=110, metadata={"Software": None})
-    plt.show()
+from minipatch.figures import figures_dir, show
+from minipatch.metrics import rel_err
 
 
-def rel(a, b):
-    a, b = np.asarray(mp.backend.to_numpy(a), np.float64), np.asarray(mp.backend.to_numpy(b), np.float64)
-    return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
+
 
 t0 = time.perf_counter()
 path = gemma3_270m_path()
@@ -107,8 +97,8 @@ P = ref2["input_ids"].size
 seq = ref2["seq"][:P + 10]
 res = mp.absorb(model64, seq, np.arange(P))
 full = model64.forward(seq)[res.kept]
-err_auto = rel(mp.patched_forward(model64, seq, res), full)
-err_none = rel(model64.forward(seq[res.kept], positions=res.kept), full)
+err_auto = rel_err(mp.patched_forward(model64, seq, res), full)
+err_none = rel_err(model64.forward(seq[res.kept], positions=res.kept), full)
 print("methods per layer:", res.methods)
 print(f"patched vs with-context: {err_auto:.1e}   unpatched (negative control): {err_none:.2f}")
 assert err_auto < 1e-10 and err_none > 1e-2
@@ -148,12 +138,12 @@ assert np.all(np.isfinite(heat)) and heat.shape == (18, 10)
 # %%
 res_a = mp.absorb(model64, seq, np.arange(P), method="m6a")
 res_open = mp.absorb(model64, seq, np.arange(P), method="m6a", order="open")
-err_open = rel(mp.patched_forward(model64, seq, res_open), full)
+err_open = rel_err(mp.patched_forward(model64, seq, res_open), full)
 res_c = mp.absorb(model64, seq, np.arange(P), method="m6c")
 res_d = mp.absorb(model64, seq, np.arange(P), method="m6d")
-err_a = rel(mp.patched_forward(model64, seq, res_a), full)
-err_c = rel(mp.patched_forward(model64, seq, res_c), full)
-err_d = rel(mp.patched_forward(model64, seq, res_d), full)
+err_a = rel_err(mp.patched_forward(model64, seq, res_a), full)
+err_c = rel_err(mp.patched_forward(model64, seq, res_c), full)
+err_d = rel_err(mp.patched_forward(model64, seq, res_d), full)
 
 def max_scale(r):
     return [float(np.max(np.abs(np.asarray(p.add)))) if isinstance(p, Scale) and p.add is not None else 0.0
@@ -181,9 +171,9 @@ gen = run_experiment(model64, tok, prompts[:2], n_new=10, dtypes=("float32",),
 t_gen = time.perf_counter() - t1
 print(format_table(gen["summary"]))
 backend = plt.get_backend()
-plot(gen, FIG / "06_generation_agreement.png")      # minipatch.experiment's figure, written with Agg
+plot(gen, figures_dir() / "06_generation_agreement.png")      # minipatch.experiment's figure, written with Agg
 plt.switch_backend(backend)                         # back to the notebook's (inline) backend
-display(Image(filename=FIG / "06_generation_agreement.png"))
+display(Image(filename=figures_dir() / "06_generation_agreement.png"))
 s = gen["summary"]
 assert s["float32/closed/m6d"]["agree"] == 20 and s["float32/closed/m6d"]["max_rel_err"] <= 1e-4  # float32 bar
 assert s["float32/closed/m6a"]["max_rel_err"] <= 1e-3       # the paper's construction, closed loop

@@ -29,8 +29,6 @@
 # multi-layer models, where it only partly holds.
 
 # %%
-import os
-from pathlib import Path
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -40,19 +38,11 @@ from minipatch.blocks import attn_sublayer
 from minipatch.dynamics import first_block_dynamics
 from minipatch.dynamics_model import model_dynamics
 from minipatch.models import tiny, tiny_gemma
-
-FIG = Path(os.environ.get("MINIPATCH_FIGURES", "../output/figures"))   # build tool: the committed figures/
-FIG.mkdir(parents=True, exist_ok=True)
-
-
-def show(fig, name):
-    """Save ``fig`` as FIG/name and display it inline."""
-    fig.savefig(FIG / name, dpi=110, metadata={"Software": None})
-    plt.show()
+from minipatch.figures import show
+from minipatch.metrics import rel_err
 
 
-def rel(a, b):
-    return float(np.max(np.abs(np.asarray(a) - np.asarray(b))) / np.max(np.abs(np.asarray(b))))
+
 
 rng = np.random.default_rng(0)
 vanilla = tiny("vanilla_m3", seed=0, n_layers=1)
@@ -75,8 +65,8 @@ for i in range(n + 1):
     z, _ = attn_sublayer(vanilla.spec, p, np.concatenate([x[:i], x[n:]]), vanilla.cfg, 0, np.r_[np.arange(i), i])
     A.append(z[-1])
 A = np.stack(A)
-err_a = rel(bd.a, A)
-err_dw = max(rel(steps.patches.dense(i), lemmas.m1(p["up_proj.weight"], A[:1], A[i:i + 1]).dense(0)) for i in range(1, n + 1))
+err_a = rel_err(bd.a, A)
+err_dw = max(rel_err(steps.patches.dense(i), lemmas.m1(p["up_proj.weight"], A[:1], A[i:i + 1]).dense(0)) for i in range(1, n + 1))
 print(f"A_i one pass vs loop: {err_a:.1e}; dW_i vs M1 of each prefix: {err_dw:.1e}")
 assert err_a < 1e-12 and err_dw < 1e-12
 
@@ -86,7 +76,7 @@ assert err_a < 1e-12 and err_dw < 1e-12
 # the increment; the gradient of `L_i` by central finite differences as well.
 
 # %%
-err_gd = max(rel(steps.gd_step(i), steps.increments.dense(i - 1)) for i in range(1, n + 1))
+err_gd = max(rel_err(steps.gd_step(i), steps.increments.dense(i - 1)) for i in range(1, n + 1))
 w0 = rng.standard_normal(steps.w.shape)
 E = np.zeros_like(w0); E[3, 5] = 1e-3
 fd = (steps.loss(4, w0 + E) - steps.loss(4, w0 - E)) / 2e-3

@@ -27,34 +27,24 @@
 # `W` (rank-1, M1); M5 describes how that update grows example by example.
 
 # %%
-import os
-from pathlib import Path
 
 import matplotlib.pyplot as plt
 import numpy as np
 
 from minipatch import icl
-
-FIG = Path(os.environ.get("MINIPATCH_FIGURES", "../output/figures"))   # build tool: the committed figures/
-FIG.mkdir(parents=True, exist_ok=True)
-
-
-def show(fig, name):
-    """Save ``fig`` as FIG/name and display it inline."""
-    fig.savefig(FIG / name, dpi=110, metadata={"Software": None})
-    plt.show()
+from minipatch.figures import show
+from minipatch.metrics import rel_err
 
 
-def rel(a, b):
-    return float(np.max(np.abs(np.asarray(a) - np.asarray(b))) / np.max(np.abs(np.asarray(b))))
+
 
 d, N = 8, 64
 block = icl.gd_block(d, eta=1.0)
 tasks = icl.sample_tasks(256, N, 16, d, seed=0)
 pred = icl.predict(block, tasks["x"], tasks["y"], tasks["xq"])
 gd = icl.gd_prediction(tasks["x"], tasks["y"], tasks["xq"], eta=1.0)
-print(f"forward vs explicit one-step GD prediction: {rel(pred, gd):.1e}")
-assert rel(pred, gd) < 1e-12
+print(f"forward vs explicit one-step GD prediction: {rel_err(pred, gd):.1e}")
+assert rel_err(pred, gd) < 1e-12
 
 # %% [markdown]
 # ## 1. M3: the patched block without context predicts what the block with context predicts
@@ -67,8 +57,8 @@ for name, b in [("analytic GD block", block), ("random tanh block", icl.random_b
     patch = icl.implicit_update(b, tasks["x"], tasks["y"], tasks["xq"])
     got = icl.predict_patched(b, patch, tasks["xq"])
     base = icl.readout(b, icl.tokens(tasks["xq"]))
-    print(f"{name}: patched vs with-context {rel(got, want):.1e}; unpatched (control) {rel(base, want):.2f}")
-    assert rel(got, want) < 1e-12 and rel(base, want) > 1e-3
+    print(f"{name}: patched vs with-context {rel_err(got, want):.1e}; unpatched (control) {rel_err(base, want):.2f}")
+    assert rel_err(got, want) < 1e-12 and rel_err(base, want) > 1e-3
 
 # %% [markdown]
 # ## 2. Test loss against the number of in-context examples
@@ -104,9 +94,9 @@ for k in range(256):
     s = icl.implicit_dynamics(block, tasks["x"][k], tasks["y"][k], tasks["xq"][k, 0])
     incs.append(s.increment_norms())
     if k < 8:
-        errs += [rel(s.gd_step(i), s.increments.dense(i - 1)) for i in range(1, N + 1)]
+        errs += [rel_err(s.gd_step(i), s.increments.dense(i - 1)) for i in range(1, N + 1)]
         p = icl.implicit_update(block, tasks["x"][k, :10], tasks["y"][k, :10], tasks["xq"][k, :1])
-        errs.append(rel(s.patches.dense(10), p.dense(0)))
+        errs.append(rel_err(s.patches.dense(10), p.dense(0)))
 inc = np.mean(incs, 0)
 fig, ax = plt.subplots(figsize=(5.5, 3.8))
 ax.loglog(n_ax, inc, "o-", ms=3, label=r"$\|dW_i - dW_{i-1}\|_F$")

@@ -27,30 +27,20 @@
 # whose residual is reported.
 
 # %%
-import os
 import warnings
-from pathlib import Path
 
 import matplotlib.pyplot as plt
 import numpy as np
 
 from minipatch import lemmas
 from minipatch.models import tiny, tiny_gemma
+from minipatch.figures import show
+from minipatch.metrics import rel_err
 from minipatch.thought import (RankDeficientWarning, condensation_curve, condense, condensed_model, evaluate,
                                thought_matrix, thought_vector)
 
-FIG = Path(os.environ.get("MINIPATCH_FIGURES", "../output/figures"))   # build tool: the committed figures/
-FIG.mkdir(parents=True, exist_ok=True)
 
 
-def show(fig, name):
-    """Save ``fig`` as FIG/name and display it inline."""
-    fig.savefig(FIG / name, dpi=110, metadata={"Software": None})
-    plt.show()
-
-
-def rel(a, b):
-    return float(np.max(np.abs(np.asarray(a) - np.asarray(b))) / np.max(np.abs(np.asarray(b))))
 
 rng = np.random.default_rng(0)
 d_in, d_out = 32, 16
@@ -62,8 +52,8 @@ W = rng.standard_normal((d_out, d_in)) / np.sqrt(d_in)
 # %%
 a, a2 = rng.standard_normal((1, d_in)), rng.standard_normal((1, d_in))
 fit = thought_matrix(a, a2 @ W.T, W)
-print(f"thought matrix of one token vs M1: {rel(fit.dw, lemmas.m1(W, a, a2).dense(0)):.1e}; exact = {fit.exact}")
-assert rel(fit.dw, lemmas.m1(W, a, a2).dense(0)) < 1e-12 and fit.exact
+print(f"thought matrix of one token vs M1: {rel_err(fit.dw, lemmas.m1(W, a, a2).dense(0)):.1e}; exact = {fit.exact}")
+assert rel_err(fit.dw, lemmas.m1(W, a, a2).dense(0)) < 1e-12 and fit.exact
 
 # %% [markdown]
 # ## 2. Exact up to `d` independent tokens, a fit beyond
@@ -88,7 +78,7 @@ print("duplicated token:", [str(w.message)[:70] for w in caught], "rank", dup.ra
 assert any(issubclass(w.category, RankDeficientWarning) for w in caught) and not dup.exact
 tv = thought_vector(A2[:10], A[:10])
 print(f"thought vector: ||delta*|| = {np.linalg.norm(tv.delta):.3f}, relative residual {tv.rel_residual:.3f}")
-assert rel(tv.delta, (A2[:10] - A[:10]).mean(0)) < 1e-12
+assert rel_err(tv.delta, (A2[:10] - A[:10]).mean(0)) < 1e-12
 
 # %% [markdown]
 # ## 3. A whole model: exact when few calibration tokens (Llama-style block)
@@ -104,7 +94,7 @@ ctx = rng.integers(0, 256, 12)
 qs = [rng.integers(0, 256, 4) for _ in range(6)]
 c = condense(llama, ctx, qs)
 cm = condensed_model(llama, c)
-errs = [rel(cm.forward(q, positions=np.arange(12, 16)), llama.forward(np.r_[ctx, q])[12:]) for q in qs]
+errs = [rel_err(cm.forward(q, positions=np.arange(12, 16)), llama.forward(np.r_[ctx, q])[12:]) for q in qs]
 ev = evaluate(llama, ctx, qs, cm)
 print(f"exact = {c.exact}; logits vs with-context: {max(errs):.1e}; KL {ev['kl']:.1e}, top-1 {ev['top1']:.2f}"
       f" (no context: KL {ev['kl_base']:.2f}, top-1 {ev['top1_base']:.2f})")

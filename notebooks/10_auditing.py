@@ -49,20 +49,14 @@ from minipatch.audit import SUBLAYERS, audit
 from minipatch.audit.flaws import FLAWS, mixed_expert_split
 from minipatch.audit.verify import verify
 from minipatch.audit.verify import verify_file
+from minipatch.figures import show
 
 torch.set_num_threads(1)
-FIG = Path(os.environ.get("MINIPATCH_FIGURES", "../output/figures"))   # build tool: the committed figures/
-FIG.mkdir(parents=True, exist_ok=True)
 OUT = Path("../output/audit")                                          # ignored by git
 OUT.mkdir(parents=True, exist_ok=True)
 CKPT = "../tests/fixtures/gemma3_text"
 TOKENS = f"{CKPT}/reference.npz"          # its 24 input ids; context 1..15, kept 0 and 16..23
 
-
-def show(fig, name):
-    """Save ``fig`` as FIG/name and display it inline."""
-    fig.savefig(FIG / name, dpi=110, metadata={"Software": None})
-    plt.show()
 
 
 # %% [markdown]
@@ -179,7 +173,7 @@ assert r["ok"] and r["layers"][0]["construction"] is None and "not unique" in r[
 # the same verification.
 
 # %%
-from minipatch.stream import absorb_stream, run_stream, stream_model
+from minipatch.stream import absorb_stream, stream_model
 
 peer = stream_model("vanilla_m4", d_model=16, n_layers=3, mlp_depth=4, seed=11, act="gelu_tanh")
 x = np.random.default_rng(5).standard_normal((10, 16))

@@ -129,3 +129,15 @@ def test_ops_do_not_mutate():
     x0 = x.copy()
     ops.rms_norm(x, np.ones(8), 1e-6, 1.0), ops.softmax(x), ops.gelu_tanh(x)
     np.testing.assert_array_equal(x, x0)
+
+
+def test_rel_err():
+    """minipatch.metrics.rel_err: relative to the largest reference entry (MATH.md section 8);
+    absolute where the reference is all zero."""
+    from minipatch.metrics import rel_err
+
+    b = np.array([[1.0, -4.0], [0.5, 2.0]])
+    assert rel_err(b, b) == 0.0
+    assert rel_err(b + np.array([[0, 0], [0, 1e-3]]), b) == pytest.approx(1e-3 / 4, rel=1e-12)
+    assert rel_err(np.float32(3.0), 2.0) == 0.5                     # host float64, scalars broadcast
+    assert rel_err(np.full(3, 1e-20), np.zeros(3)) == 1e-20 and rel_err(np.zeros(0), np.zeros(0)) == 0.0

@@ -16,7 +16,8 @@ import numpy as np
 
 from ..errors import ModelFileError
 from .reference import PREFIX, load_reference
-from .sublayers import model_sublayers, rel, scan
+from ..metrics import rel_err
+from .sublayers import model_sublayers, scan
 
 KEYS = ("arch", "logits_max_abs_err", "logits_max_rel_err", "first_divergent_layer",
         "first_divergent_sublayer", "sublayer_rel_err", "sublayer_before", "sublayer_rel_err_before",
@@ -40,7 +41,7 @@ def audit(path, reference, rtol=1e-9, dtype="float64", method="auto", window_by=
     want = ref["logits"].astype(np.float64)
     out = {"arch": cfg.family, "path": str(path), "dtype": str(dtype), "rtol": rtol,
            "logits_max_abs_err": float(np.max(np.abs(logits - want))),
-           "logits_max_rel_err": rel(logits, want), "first_divergent_layer": None,
+           "logits_max_rel_err": rel_err(logits, want), "first_divergent_layer": None,
            "hidden_state_rel_errs": None, "first_divergent_sublayer": None, "sublayer_rel_err": None,
            "sublayer_before": None, "sublayer_rel_err_before": None, "sublayer_rel_errs": None,
            "absorb_max_rel_err_self": None, "absorb_max_rel_err_reference": None,
@@ -50,7 +51,7 @@ def audit(path, reference, rtol=1e-9, dtype="float64", method="auto", window_by=
         if hs.shape[0] != cfg.n_layers + 1 or hs.shape[2] != cfg.d_model:
             raise ModelFileError(f"reference hidden_states {hs.shape} do not fit the model: [L+1, T, D] = "
                                  f"[{cfg.n_layers + 1}, {ids.shape[0]}, {cfg.d_model}]")
-        errs = [rel(to_numpy(ours), h) for ours, h in zip(tr["hidden_states"], hs)]
+        errs = [rel_err(to_numpy(ours), h) for ours, h in zip(tr["hidden_states"], hs)]
         out["hidden_state_rel_errs"] = errs
         bad = [i for i, e in enumerate(errs) if not e <= rtol]
         out["first_divergent_layer"] = bad[0] if bad else None
@@ -78,9 +79,9 @@ def audit(path, reference, rtol=1e-9, dtype="float64", method="auto", window_by=
         unpatched = to_numpy(model.forward(ids[res.kept], positions=res.kept, window_by=window_by))
         out["kept_positions"] = res.kept.tolist()
         out["methods"] = list(res.methods)
-        out["absorb_max_rel_err_self"] = rel(patched, logits[res.kept])
-        out["absorb_max_rel_err_reference"] = rel(patched, want[res.kept])
-        out["unpatched_max_rel_err"] = rel(unpatched, want[res.kept])
+        out["absorb_max_rel_err_self"] = rel_err(patched, logits[res.kept])
+        out["absorb_max_rel_err_reference"] = rel_err(patched, want[res.kept])
+        out["unpatched_max_rel_err"] = rel_err(unpatched, want[res.kept])
         ok = ok and out["absorb_max_rel_err_self"] <= rtol and out["absorb_max_rel_err_reference"] <= rtol
     out["ok"] = bool(ok)
     return out

@@ -22,6 +22,7 @@ import numpy as np
 
 from ..backend import to_numpy
 from ..patches import norm
+from ..metrics import rel_err
 
 SUBLAYERS = ("attn_norm", "attn_out", "attn_post_norm", "mlp_in", "mlp_norm", "mlp_hidden", "mlp_out",
              "mlp_post_norm", "out")
@@ -34,11 +35,6 @@ WHAT = {"attn_norm": "the attention's input norm", "attn_out": "the attention ou
         "out": "the block output"}
 
 
-def rel(a, b):
-    """max |a - b| / max |b| (0 for equal arrays; inf if b is zero and a is not)."""
-    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
-    diff, scale = float(np.max(np.abs(a - b))), float(np.max(np.abs(b)))
-    return diff / scale if scale > 0 else (0.0 if diff == 0 else float("inf"))
 
 
 def layer_sublayers(model, layer, row):
@@ -87,7 +83,7 @@ def scan(ours, ref, rtol, start=None):
     n = min((ours[k].shape[0] for k in names), default=0)
     for l in range(n):
         for k in names:
-            e = rel(ours[k][l], ref[k][l])
+            e = rel_err(ours[k][l], ref[k][l])
             table[k].append(e)
             here = {"layer": l, "sublayer": k, "rel_err": e}
             if first is None and not e <= rtol:

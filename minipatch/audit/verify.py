@@ -30,7 +30,8 @@ from ..backend import device, to_numpy
 from ..controllability import take_rows
 from ..errors import InputError
 from .constructions import acts_at, candidates, compare_layer, max_rank
-from .sublayers import SUBLAYERS, model_sublayers, rel, scan
+from ..metrics import rel_err
+from .sublayers import SUBLAYERS, model_sublayers, scan
 
 NON_UNIQUE = ("the outer witness is not unique (M6a..M6d, a bias or M2, the MoE expert split, the trust "
               "region's hard case)")
@@ -88,14 +89,14 @@ def verify(model, inputs, patches, context=None, window_by="position", rtol=1e-9
     kept, context = split(T, patches.positions, context)
     ctx_tr, p_tr, want, got, plain, K = _runs(model, inputs, kept, patches, window_by)
     hs_ctx = [take_rows(h, K) for h in ctx_tr["hidden_states"]]
-    hs_errs = [rel(to_numpy(a), to_numpy(b)) for a, b in zip(p_tr["hidden_states"], hs_ctx)]
+    hs_errs = [rel_err(to_numpy(a), to_numpy(b)) for a, b in zip(p_tr["hidden_states"], hs_ctx)]
     bad = [i for i, e in enumerate(hs_errs) if not e <= rtol]
     ours_sub, ctx_sub = fixed_sublayers(model, p_tr, ctx_tr, kept)
     table, first, before = scan(ours_sub, ctx_sub, rtol, ("embeddings", hs_errs[0]))
     r = {"arch": model.cfg.family, "kept_positions": kept.tolist(), "context_positions": context.tolist(),
          "window_by": window_by, "rtol": rtol, "patch_rtol": patch_rtol,
          "output": "stream" if _is_stream(inputs) else "logits",
-         "logits_max_rel_err": rel(got, want), "unpatched_max_rel_err": rel(plain, want),
+         "logits_max_rel_err": rel_err(got, want), "unpatched_max_rel_err": rel_err(plain, want),
          "hidden_state_rel_errs": hs_errs, "first_divergent_layer": bad[0] if bad else None,
          "sublayer_rel_errs": table, "first_divergent_sublayer": None, "sublayer_rel_err": None,
          "sublayer_before": None, "sublayer_rel_err_before": None}

@@ -21,6 +21,7 @@ from ..absorb import absorb, check_block, greedy, patched_forward
 from ..backend import to_numpy
 from ..lemmas import m1, m2
 from ..patches import Rank1
+from ..metrics import rel_err
 
 BAR = {("block", "float64"): 1e-12, ("model", "float64"): 1e-10,
        ("block", "float32"): 1e-4, ("model", "float32"): 1e-4}
@@ -54,9 +55,6 @@ class Row:
         return "info" if self.info else ("pass" if self.ok else "FAIL")
 
 
-def rel(a, b):
-    a, b = np.asarray(to_numpy(a), np.float64), np.asarray(to_numpy(b), np.float64)
-    return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
 
 
 def max_rank(patch_layers, rows=(0, -1)):
@@ -81,13 +79,13 @@ def lemma_rows(dtype):
     p = m1(w, a, a2)
     s1 = time.perf_counter() - t
     out = [Row("M1 input absorption", "random 48x32", "m1", np.dtype(dtype).name,
-               rel(p.apply(a, a @ w.T), a2 @ w.T), rel(a @ w.T, a2 @ w.T), max_rank([{"w": p}]), s1, bar)]
+               rel_err(p.apply(a, a @ w.T), a2 @ w.T), rel_err(a @ w.T, a2 @ w.T), max_rank([{"w": p}]), s1, bar)]
     delta = rng.standard_normal((16, 48)).astype(dtype)
     t = time.perf_counter()
     q = m2(a, delta)
     s2 = time.perf_counter() - t
     out.append(Row("M2 output absorption", "random 48x32", "m2", np.dtype(dtype).name,
-                   rel(q.apply(a, a @ w.T), a @ w.T + delta), rel(a @ w.T, a @ w.T + delta),
+                   rel_err(q.apply(a, a @ w.T), a @ w.T + delta), rel_err(a @ w.T, a @ w.T + delta),
                    max_rank([{"w": q}]), s2, bar))
     return out
 
@@ -110,8 +108,8 @@ def block_rows(model, name, method, T=24, seed=0):
         t = time.perf_counter()
         r = check_block(model, l, tr["layers"][l]["x"], ctx, method)
         secs += time.perf_counter() - t
-        errs.append(rel(r.patched, r.with_context))
-        ctrl.append(rel(r.unpatched, r.with_context))
+        errs.append(rel_err(r.patched, r.with_context))
+        ctrl.append(rel_err(r.unpatched, r.with_context))
         rank = max(rank, max_rank([r.patch]))
         used.add(r.method)
     dt = np.dtype(model.dtype).name
@@ -135,15 +133,15 @@ def model_row(model, name, method, T=32, seed=0, info=False, trace_out=None, ord
     if trace_out is not None:
         K = res.kept
         hs = [to_numpy(h)[K] for h in full_tr["hidden_states"]]
-        trace_out[method] = [rel(to_numpy(p), h) for p, h in zip(pt_tr["hidden_states"], hs)]
-        trace_out["unpatched"] = [rel(to_numpy(p), h) for p, h in zip(un_tr["hidden_states"], hs)]
+        trace_out[method] = [rel_err(to_numpy(p), h) for p, h in zip(pt_tr["hidden_states"], hs)]
+        trace_out["unpatched"] = [rel_err(to_numpy(p), h) for p, h in zip(un_tr["hidden_states"], hs)]
     dt = np.dtype(model.dtype).name
     used = "/".join(sorted(set(res.methods)))
     used = used if method in ("auto", used) else f"{method}->{used}"
     used = f"auto->{used}" if method == "auto" else used
     used = used if order == "closed" else f"{used}/open"
-    return Row(f"M7 through {model.cfg.n_layers} layers", name, used, dt, rel(patched, full),
-               rel(unpatched, full), max_rank(res.patches.layers), secs, BAR[("model", dt)], info=info)
+    return Row(f"M7 through {model.cfg.n_layers} layers", name, used, dt, rel_err(patched, full),
+               rel_err(unpatched, full), max_rank(res.patches.layers), secs, BAR[("model", dt)], info=info)
 
 
 def greedy_row(model, name, n_new=8):
@@ -155,7 +153,7 @@ def greedy_row(model, name, n_new=8):
     secs = time.perf_counter() - t
     same = bool(np.array_equal(want, got))
     dt = np.dtype(model.dtype).name
-    return Row(f"greedy generation, {n_new} tokens", name, "auto", dt, rel(lg, lw) if same else np.inf,
+    return Row(f"greedy generation, {n_new} tokens", name, "auto", dt, rel_err(lg, lw) if same else np.inf,
                np.nan, 1, secs, BAR[("model", dt)], note="identical tokens" if same else "TOKENS DIFFER")
 
 

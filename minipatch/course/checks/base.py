@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ... import metrics
+
 from ..units import GROUPS
 
 # MATH.md section 8
@@ -92,12 +94,12 @@ def rng(seed):
 
 
 def rel_err(a, b):
-    """max |a - b| / max |b| in float64."""
-    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    """:func:`minipatch.metrics.rel_err` of arrays that must have the same shape (a student's
+    result of another shape fails its check with that message, not a broadcast)."""
+    a, b = np.asarray(a), np.asarray(b)
     if a.shape != b.shape:
         raise AssertionError(f"shape {a.shape}, expected {b.shape}")
-    scale = float(np.max(np.abs(b))) if b.size else 0.0
-    return float(np.max(np.abs(a - b)) / scale) if scale > 0 else float(np.max(np.abs(a - b), initial=0.0))
+    return metrics.rel_err(a, b)
 
 
 MARGINS: list | None = None   # set to a list to record (what, error, tolerance) of every close()
