@@ -49,7 +49,8 @@ from minipatch.experiment import format_table, plot, run_experiment
 from minipatch.io.gguf import gemma3_270m_path, read_gguf_metadata
 from minipatch.io.tokenizer import decode, encode, tokenizer_from_gguf
 from minipatch.patches import Scale
-from minipatch.thought import RankDeficientWarning, persona_experiment
+from minipatch.thought import RankDeficientWarning
+from minipatch.thought_eval import persona_experiment
 
 FIG = Path(os.environ.get("MINIPATCH_FIGURES", "../output/figures"))   # build tool: the committed figures/
 FIG.mkdir(parents=True, exist_ok=True)

@@ -36,8 +36,8 @@ import numpy as np
 
 from minipatch import lemmas
 from minipatch.models import tiny, tiny_gemma
-from minipatch.thought import (RankDeficientWarning, condensation_curve, condense, condensed_model, evaluate,
-                               thought_matrix, thought_vector)
+from minipatch.thought import RankDeficientWarning, condense, condensed_model, thought_matrix, thought_vector
+from minipatch.thought_eval import condensation_curve, evaluate
 
 FIG = Path(os.environ.get("MINIPATCH_FIGURES", "../output/figures"))   # build tool: the committed figures/
 FIG.mkdir(parents=True, exist_ok=True)
