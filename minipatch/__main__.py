@@ -5,6 +5,8 @@
     python -m minipatch --figures DIR    # where the figure goes (default $MINIPATCH_FIGURES or output/figures)
     python -m minipatch audit PATH --reference REF.npz [--json] [--rtol R]
     python -m minipatch experiment [--n-new 20] [--prompts 1,2] [--json out.json] [--figure F]
+    python -m minipatch icl-tasks [--json F] [--figure F] [--tables JSON]   # prompts into weights
+    python -m minipatch export DIR [--task T] [--n N] [--form lstsq|ridge]
 
 Each row is "pass", "FAIL" or "info" (a construction expected to miss the bar because a
 documented precondition does not hold; see minipatch/report.py). Exits non-zero if any check
@@ -57,9 +59,11 @@ def main(argv=None):
         add_audit(sub)
     from .experiment import add_parser as add_experiment
     from .course.cli import add_parsers as add_course
+    from .icl_cli import add_parsers as add_icl
 
     add_experiment(sub)
     add_course(sub)
+    add_icl(sub)
     args = parser.parse_args(argv)
     if args.cmd is None:
         return check_main(args)
