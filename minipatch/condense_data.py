@@ -179,11 +179,12 @@ def layer_edit(model, cal, layer, n, form, ranks=()):
             rep = {"rel_residual": fit.rel_residual, "kappa": fit.kappa, "tokens": rows}
             left, right = fit.left.astype(dt), fit.right.astype(dt)        # products in the model dtype
             parts = [(left[i:j] @ right, left[i:j]) for i, j in zip(cuts[:-1], cuts[1:])]
+        rqr = np.linalg.qr(right.T) if form == "ridge" and ranks else None
         for k, (dw, left) in zip(names, parts):
             report[k] = rep
             variants[form][k] = dw
             if left is not None and ranks:
-                for r, dr in truncate(left, right, ranks).items():
+                for r, dr in truncate(left, right, ranks, right_qr=rqr).items():
                     variants[f"ridge-r{r}"][k] = dr
     out = {}
     for variant, dws in variants.items():

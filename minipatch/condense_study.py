@@ -48,9 +48,9 @@ class StudyConfig:
     n_demos: int = 10
     k_small: int = 5
     n_calib: int = 64
-    n_held: int = 48
+    n_held: int = 40
     sizes: tuple = (1, 4, 16, 64)
-    n_select: int = 8
+    n_select: int = 6
     ranks: tuple = (1, 4, 16)
     min_gain: float = 0.2
     method: str = "auto"
@@ -225,16 +225,18 @@ _WORK = {}          # model, bos, encode, cfg and the examples of every task, fo
 
 
 def _unit(job):
-    """One (stage, task, seed) of the study."""
+    """One (stage, task, seed) of the study; the baselines' arrays are kept for the condensation."""
     stage, task, seed = job
     model, bos, encode, cfg = (_WORK[k] for k in ("model", "bos", "encode", "cfg"))
     sp = it.split(_WORK["examples"][task], seed, cfg.n_demos, cfg.n_calib, cfg.n_held)
     t0 = time.perf_counter()
-    b, ref, held0, streams = baselines(model, bos, encode, sp, cfg)
+    kept = _WORK["kept"].pop((task, seed), None)
+    if kept is None:
+        b, *kept = baselines(model, bos, encode, sp, cfg)
     if stage == "baselines":
+        _WORK["kept"][(task, seed)] = kept
         return job, {"baselines": b, "seconds": time.perf_counter() - t0}
-    return job, {"condense": condense_seed(model, bos, encode, sp, cfg, ref, held0, streams),
-                 "seconds": time.perf_counter() - t0}
+    return job, {"condense": condense_seed(model, bos, encode, sp, cfg, *kept), "seconds": time.perf_counter() - t0}
 
 
 def _map(jobs, bar):
@@ -255,7 +257,7 @@ def run_study(model, bos, encode, cfg=StudyConfig(), cache=None, progress=True):
     from tqdm.auto import tqdm
 
     t0 = time.perf_counter()
-    _WORK.update(model=model, bos=bos, encode=encode, cfg=cfg,
+    _WORK.update(model=model, bos=bos, encode=encode, cfg=cfg, kept={},
                  examples={t: it.encode_examples(it.load_task(t), encode) for t in cfg.tasks})
     res = {}
     paths = {(t, s): (Path(cache) / f"{t}-{s}-{_digest(model, cfg, t, s)}.json" if cache else None)
@@ -279,6 +281,8 @@ def run_study(model, bos, encode, cfg=StudyConfig(), cache=None, progress=True):
         g = [np.mean(res[(t, s)]["baselines"][f"icl{cfg.n_demos}"]["first"])
              - np.mean(res[(t, s)]["baselines"]["zero"]["first"]) for s in cfg.seeds]
         gains[t], learned[t] = float(np.mean(g)), bool(np.mean(g) >= cfg.min_gain)
+    for key in [k for k in _WORK["kept"] if not learned[k[0]]]:
+        del _WORK["kept"][key]                          # free what no condensation needs
     todo = [("condense", t, s) for t in cfg.tasks if learned[t] for s in cfg.seeds if "condense" not in res[(t, s)]]
     with tqdm(total=len(todo), desc="icl-tasks: condensation", disable=not progress) as bar:
         for (_, t, s), r in _map(todo, bar):

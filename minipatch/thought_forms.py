@@ -143,7 +143,7 @@ def cov_ridge_patch(a, e, cov, kappas=KAPPAS):
     return CovRidge(left, right, lam, kappas[best], tuple(scores), res, res / tot if tot > 0 else 0.0, T)
 
 
-def truncate(left, right, ranks):
+def truncate(left, right, ranks, right_qr=None):
     """T4: the best rank-r approximations (Frobenius, Eckart-Young) of dW = left @ right.
 
         left = Q_l R_l, right^T = Q_r R_r (thin QR);  R_l R_r^T = U S V^T;
@@ -151,6 +151,7 @@ def truncate(left, right, ranks):
 
     Args:
       left: [out, k]; right: [k, in]. ranks: iterable of r >= 1.
+      right_qr: optional (Q_r, R_r) of right^T, when several lefts share one right.
     Returns:
       dict r -> dense [out, in] (dW itself where r >= rank).
     """
@@ -158,7 +159,7 @@ def truncate(left, right, ranks):
     if left.ndim != 2 or right.ndim != 2 or left.shape[1] != right.shape[0]:
         raise ShapeError(f"truncate: left {tuple(left.shape)} and right {tuple(right.shape)} do not multiply")
     ql, rl = xp.linalg.qr(left)
-    qr_, rr = xp.linalg.qr(right.mT)
+    qr_, rr = xp.linalg.qr(right.mT) if right_qr is None else right_qr
     u, s, vt = xp.linalg.svd(rl @ rr.mT, full_matrices=False)
     out = {}
     for r in ranks:
