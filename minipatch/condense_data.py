@@ -50,6 +50,9 @@ class Calibration:
       keys: per layer, dict weight name -> [P, in]: the weight's inputs at every prefix row of
         the with-context run (T3's key covariance).
       ends: int64 [B + 1]: the rows of the first n queries are rows[:ends[n]].
+      unique: bool [R]: the row is the first with its token prefix. Two queries that start
+        with the same token(s) ("South Africa", "South Korea") hold the same calibration token
+        twice, equal up to float rounding; the fits use each token once (:meth:`rows`).
       streams: mode 'one': per layer, the unedited input stream [R, D] (to run from there).
       methods: per layer, the construction used.
     """
@@ -61,8 +64,26 @@ class Calibration:
     shift: tuple
     keys: tuple
     ends: np.ndarray
+    unique: np.ndarray
     streams: tuple = None
     methods: tuple = ()
+
+    def rows(self, n):
+        """Indices of the distinct calibration tokens of the first ``n`` queries."""
+        return np.flatnonzero(self.unique[:int(self.ends[n])])
+
+
+def unique_rows(pk):
+    """bool [R]: row r is the first row of ``pk`` with its token prefix (the prefix rows are
+    unique; a suffix row repeats an earlier one iff its suffix starts the same way)."""
+    seen, out = set(), np.ones(pk.tokens.size, bool)
+    for b in range(pk.n_suffixes):
+        rows = pk.rows(b)
+        for j, r in enumerate(rows):
+            key = tuple(pk.tokens[rows[0]:r + 1].tolist())
+            out[r] = key not in seen
+            seen.add(key)
+    return out
 
 
 def _keys(model, layer, z, h):
@@ -119,7 +140,7 @@ def collect(model, ctx, noctx, kept, method="auto"):
     streams = tuple(t["x"] for t in tru["layers"])
     out = []
     for mode, (pl, hl, ml_, sl, nl) in modes.items():
-        out.append(Calibration(mode, tuple(pl), tuple(hl), tuple(ml_), tuple(sl), keys, ends,
+        out.append(Calibration(mode, tuple(pl), tuple(hl), tuple(ml_), tuple(sl), keys, ends, unique_rows(noctx.pack),
                                streams if mode == "one" else None, tuple(nl)))
     return out[0], out[1], final_ctx
 
@@ -149,10 +170,12 @@ def layer_edit(model, cal, layer, n, form, ranks=()):
     """
     if form not in FORMS:
         raise InputError(f"form must be one of {FORMS}, got {form!r}")
-    rows = int(cal.ends[n])
+    idx = cal.rows(n)
+    rows = idx.size
+    take = (lambda x: take_rows(x, model.xp.asarray(idx, device=device(x))))
     dt = np.dtype(str(model.dtype))
     if form == "vector":
-        shift = _f64(cal.shift[layer][:rows])
+        shift = _f64(take(cal.shift[layer]))
         return {"vector": LayerEdit({}, model.xp.asarray(shift.mean(0).astype(dt)), {"tokens": rows})}
     groups, scale_name = {}, None                    # weights that read the same input share one fit
     for name, p in cal.patches[layer].items():
@@ -163,16 +186,16 @@ def layer_edit(model, cal, layer, n, form, ranks=()):
         else:
             raise InputError(f"no condensation rule for the {type(p).__name__} patch of {name!r}")
     variants = {form: {}, **{f"ridge-r{r}": {} for r in (ranks if form == "ridge" else ())}}
-    report = {}
+    report, params = {}, model.params["layers"][layer]
     for names in groups.values():
-        v = _f64(cal.patches[layer][names[0]].v[:rows])
+        v = _f64(take(cal.patches[layer][names[0]].v))
         a = v / np.sum(v * v, axis=1, keepdims=True)                       # a_t = v_t / ||v_t||^2
-        us = [_f64(cal.patches[layer][k].u[:rows]) for k in names]
+        us = [_f64(take(cal.patches[layer][k].u)) for k in names]
         cuts = np.cumsum([0] + [u.shape[1] for u in us])
         e = np.concatenate(us, axis=1)
         if form == "lstsq":
             fit = lstsq_patch(a, e)
-            rep = {"rel_residual": fit.rel_residual, "rank": fit.rank, "tokens": rows}
+            rep = {"rel_residual": fit.rel_residual, "rank": fit.rank, "exact": fit.exact, "tokens": rows}
             parts = [(fit.dw[i:j].astype(dt), None) for i, j in zip(cuts[:-1], cuts[1:])]
         else:
             fit = cov_ridge_patch(a, e, KeyCovariance.from_keys(_f64(cal.keys[layer][names[0]])))
@@ -181,7 +204,8 @@ def layer_edit(model, cal, layer, n, form, ranks=()):
             parts = [(left[i:j] @ right, left[i:j]) for i, j in zip(cuts[:-1], cuts[1:])]
         rqr = np.linalg.qr(right.T) if form == "ridge" and ranks else None
         for k, (dw, left) in zip(names, parts):
-            report[k] = rep
+            w = _f64(params[k])
+            report[k] = {**rep, "rel_norm": float(np.linalg.norm(dw) / np.linalg.norm(w))}
             variants[form][k] = dw
             if left is not None and ranks:
                 for r, dr in truncate(left, right, ranks, right_qr=rqr).items():
@@ -192,11 +216,11 @@ def layer_edit(model, cal, layer, n, form, ranks=()):
         rep = dict(report)
         if scale_name is not None:
             down = model.spec.outer.down + ".weight"
-            d, sf = post_scale_fit(model, layer, cal.h[layer][:rows], cal.m[layer][:rows], deltas.get(down))
+            d, sf = post_scale_fit(model, layer, take(cal.h[layer]), take(cal.m[layer]), deltas.get(down))
             deltas[scale_name] = d
             rep[scale_name] = {"rel_residual": sf.rel_residual}
         out[variant] = LayerEdit(deltas, None, rep)
     return out
 
 
-__all__ = ["FORMS", "Calibration", "collect", "LayerEdit", "layer_edit"]
+__all__ = ["FORMS", "Calibration", "unique_rows", "collect", "LayerEdit", "layer_edit"]

@@ -35,6 +35,7 @@ from .condense_data import collect, layer_edit
 from .packed import run
 from .thought import RankDeficientWarning, condensed_model
 
+VERSION = 2        # of the study's procedure: part of the cache key, raised when results would change
 ALL_VARIANTS = ("vector", "lstsq", "ridge", "ridge-r1", "ridge-r4", "ridge-r16")
 ONE_VARIANTS = ("vector", "ridge")
 
@@ -166,10 +167,13 @@ def condense_seed(model, bos, encode, sp, cfg, ref, held0, held_streams):
                             report[v].append(e.report)
             hs = [hidden(model, held0, **_assemble(model, per[v], v)) for v in ALL_VARIANTS]
             row = {f"{v}/all": scores(lg, held0, ref) for v, lg in zip(ALL_VARIANTS, head(model, hs))}
-            row["lstsq/all"]["max_rel_residual"] = max(r["rel_residual"] for lr in report["lstsq"]
-                                                       for r in lr.values() if "rank" in r)
-            row["ridge/all"]["kappas"] = [sorted({r["kappa"] for r in lr.values() if "kappa" in r})
-                                          for lr in report["ridge"]]
+            fits = {f: [r for lr in report[f] for r in lr.values() if "tokens" in r] for f in report}
+            row["lstsq/all"].update(
+                max_rel_residual=max(r["rel_residual"] for r in fits["lstsq"]),
+                all_exact=all(r["exact"] for r in fits["lstsq"]), tokens=fits["lstsq"][0]["tokens"],
+                rel_norm=float(np.mean([r["rel_norm"] for r in fits["lstsq"]])))
+            row["ridge/all"].update(kappas=[r["kappa"] for r in fits["ridge"]],
+                                    rel_norm=float(np.mean([r["rel_norm"] for r in fits["ridge"]])))
             row.update(_one_layer(model, cal_one, noctx, cref, n, cfg, ref, held0, held_streams))
         res["sizes"][str(n)] = row
     return res
@@ -217,7 +221,7 @@ def _one_layer(model, cal, noctx, cref, n, cfg, ref, held0, held_streams):
 def _digest(model, cfg, task, seed):
     from .model import fingerprint
 
-    key = json.dumps([fingerprint(model), asdict(cfg), task, seed, 1], sort_keys=True, default=str)
+    key = json.dumps([fingerprint(model), asdict(cfg), task, seed, VERSION], sort_keys=True, default=str)
     return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 

@@ -86,27 +86,42 @@ def tables(result):
             cells.append(f"{_pct(s[t]['methods'][meth][z]['first'])} (n={z})")
         rows.append((LABELS[meth], cells))
     main = head + "".join(f"| {name} | " + " | ".join(c) + " |\n" for name, c in rows)
-    means = (f"| method (mean over tasks) | first token | exact match | KL to {k}-shot | recovered gain |\n"
-             "|---|---|---|---|---|\n")
+    sizes = sorted(s[tasks[0]]["methods"][METHODS[0]], key=int) if tasks else []
+    means = (f"| mean over the {len(tasks)} tasks: first token (exact match) · KL to {k}-shot | "
+             + " | ".join(f"n = {z}" for z in sizes) + " |\n|---|" + "---|" * len(sizes) + "\n")
 
-    def mean_row(name, get):
-        vals = [get(t) for t in tasks]
-        f, e, k = (np.mean([v[i] for v in vals]) for i in range(3))
-        rec = [recovered(v[0], s[t]["zero"]["first"]["mean"], s[t][big]["first"]["mean"]) for v, t in zip(vals, tasks)]
-        rec = "—" if np.all(np.isnan(rec)) else f"{100 * np.nanmean(rec):.0f}%"
-        return f"| {name} | {100 * f:.0f}% | {100 * e:.0f}% | {k:.2f} | {rec} |\n"
+    def cell(stats):
+        f, e, d = (np.mean([st[m]["mean"] for st in stats]) for m in METRICS)
+        return f"{100 * f:.0f}% ({100 * e:.0f}%) · {d:.2f}"
 
-    means += mean_row("zero-shot", lambda t: [s[t]["zero"][m]["mean"] for m in METRICS])
-    means += mean_row(f"in context, k = {k}", lambda t: [s[t][big][m]["mean"] for m in METRICS])
-    n_max = max(result["config"]["sizes"])
+    for name, key in (("zero-shot", "zero"), (f"in context, k = {k}", big)):
+        means += f"| {name} | " + " | ".join(cell([s[t][key] for t in tasks]) for _ in sizes) + " |\n"
     for meth in METHODS:
-        means += mean_row(f"{LABELS[meth]}, n = {n_max}",
-                          lambda t, meth=meth: [s[t]["methods"][meth][str(n_max)][m]["mean"] for m in METRICS])
+        means += f"| {LABELS[meth]} | " + " | ".join(cell([s[t]["methods"][meth][z] for t in tasks])
+                                                     for z in sizes) + " |\n"
+    return main + "\n" + means + "\n" + notes(result, s, tasks, sizes)
+
+
+def notes(result, s, tasks, sizes):
+    """The generated sentences under the tables: learned tasks, T2's exactness and size, T3's ridge."""
+    k = result["config"]["n_demos"]
     learned = ", ".join(f"{t} ({100 * s[t]['gain']:+.0f})" for t in tasks)
     skipped = ", ".join(f"{t} ({100 * r['gain']:+.0f})" for t, r in s.items() if t not in tasks)
-    notes = (f"Learned in context (gain of k = {k} over zero-shot, points): {learned}. "
-             f"Not learned, not condensed: {skipped or 'none'}.\n")
-    return main + "\n" + means + "\n" + notes
+    out = (f"Learned in context (gain of k = {k} over zero-shot, points): {learned}. "
+           f"Not learned, not condensed: {skipped or 'none'}.")
+    runs = [(z, seed["condense"]["sizes"][z]) for t in tasks for seed in result["tasks"][t]["seeds"].values()
+            for z in sizes]
+    if runs:
+        worst = max(r["lstsq/all"]["max_rel_residual"] for _, r in runs)
+        exact = all(r["lstsq/all"]["all_exact"] for _, r in runs)
+        norm = {z: np.mean([r["lstsq/all"]["rel_norm"] for zz, r in runs if zz == z]) for z in sizes}
+        small = np.mean([kp <= 1e-4 for z, r in runs if z == sizes[-1] for kp in r["ridge/all"]["kappas"]])
+        tok = max(r["lstsq/all"]["tokens"] for _, r in runs)
+        out += (f" T2 (all layers): {'every' if exact else 'not every'} fit had independent calibration inputs "
+                f"(at most {tok} distinct tokens), worst relative residual {worst:.1e}; mean ||dW|| / ||W|| "
+                + ", ".join(f"{norm[z]:.3f}" for z in sizes) + f" at n = {', '.join(sizes)}."
+                f" T3's GCV chose kappa <= 1e-4 in {100 * small:.0f}% of its fits at n = {sizes[-1]}.")
+    return out + "\n"
 
 
 def figure(result, path):
@@ -144,4 +159,4 @@ def figure(result, path):
     return fig
 
 
-__all__ = ["METHODS", "LABELS", "summary", "best_size", "recovered", "tables", "figure"]
+__all__ = ["METHODS", "LABELS", "summary", "best_size", "recovered", "tables", "notes", "figure"]
