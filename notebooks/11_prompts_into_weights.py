@@ -117,16 +117,16 @@ fig.colorbar(im, ax=ax, label="log10"); fig.tight_layout(); show(fig, "11_patche
 
 # %% [markdown]
 # ## 3. The condensed update
-# T2 per weight: `dW* = (A^+ E)^T` over the calibration tokens. Fewer tokens than inputs
-# (here at most 8 queries' tokens, under the 640 inputs of gate/up): every calibration token's
-# patch is reproduced, `dW* a_t = u_t`. The same rows give a thought vector per layer (T1) and the
+# T2 per weight: `dW* = (A^+ E)^T` over the calibration tokens, each token once (queries that start
+# alike share their first tokens). Fewer tokens than inputs (8 queries' tokens, under the 640
+# inputs of gate/up): every calibration token's patch is reproduced, `dW* a_t = u_t`. The same rows give a thought vector per layer (T1) and the
 # covariance ridge (T3, `lam` by GCV). The update is dense but of rank at most the number of
 # calibration tokens.
 
 # %%
 edits = {}
 with warnings.catch_warnings():
-    warnings.simplefilter("ignore", RankDeficientWarning)       # the template tokens repeat
+    warnings.simplefilter("error", RankDeficientWarning)        # each calibration token once: independent rows
     for n in (1, 8):
         per = [layer_edit(model, cal_all, l, n, f) for l in range(L) for f in ("vector", "lstsq", "ridge")]
         edits[f"T1 vector, n={n}"] = {"steer": [per[3 * l]["vector"].steer for l in range(L)]}
@@ -134,13 +134,13 @@ with warnings.catch_warnings():
         edits[f"T3 ridge, n={n}"] = {"deltas": [per[3 * l + 2]["ridge"].deltas for l in range(L)]}
         worst = max(r["rel_residual"] for l in range(L) for k, r in per[3 * l + 1]["lstsq"].report.items()
                     if "rank" in r)
-        print(f"n = {n}: {int(cal_all.ends[n])} calibration tokens; T2 worst relative residual over every "
-              f"weight {worst:.1e}")
+        print(f"n = {n}: {cal_all.rows(n).size} distinct calibration tokens; T2 worst relative residual over "
+              f"every weight {worst:.1e}")
         assert worst < 1e-10
 dw = np.asarray(edits["T2 lstsq, n=8"]["deltas"][9]["down_proj.weight"], np.float64)
 sv = np.linalg.svd(dw, compute_uv=False)
 print(f"layer 9 down_proj: ||dW|| / ||W|| = {np.linalg.norm(dw) / np.linalg.norm(model.params['layers'][9]['down_proj.weight']):.3f}, "
-      f"rank {int(np.sum(sv > sv[0] * 1e-5))} (tokens {int(cal_all.ends[8])})")
+      f"rank {int(np.sum(sv > sv[0] * 1e-5))} (tokens {cal_all.rows(8).size})")
 
 # %% [markdown]
 # ## 4. Held-out accuracy without the demonstrations

@@ -54,7 +54,7 @@ def test_readme_tables_are_generated_from_the_json(result):
 
 def quoted(key):
     """The number the README section quotes after ``key`` (e.g. 'float32 relative error ')."""
-    m = re.search(re.escape(key) + r"\s*([0-9.]+(?:e[-+]?[0-9]+)?)", section())
+    m = re.search(re.escape(key) + r"\s*([0-9.]+(?:e[-+]?[0-9]+)?)", " ".join(section().split()))
     assert m, f"README section does not quote {key!r}"
     return m.group(1)
 
@@ -76,3 +76,16 @@ def test_learned_tasks(result):
     gains = {t: r["gain"] for t, r in s.items()}
     assert {t for t, g in gains.items() if g >= 0.2} == {t for t, r in s.items() if "methods" in r}
     assert np.isfinite(list(gains.values())).all()
+
+
+def test_prose_numbers_come_from_the_tables(result):
+    """Every number in "What the numbers say" is one the generated tables print (to one significant
+    digit), or a count of the protocol (layers, sizes, widths)."""
+    from helpers import NUMBER
+
+    text = section()
+    bullets = text[text.index("What the numbers say:"):text.index("Exactness, where")]
+    printed = NUMBER.findall(icl_report.tables(result))
+    protocol = {"1", "4", "9", "10", "11", "12", "15", "16", "64", "640"}
+    for num in NUMBER.findall(bullets):
+        assert num in protocol or any(number_agrees(num, p) for p in printed if "." in p or num.isdigit()), num
