@@ -114,10 +114,6 @@ def scores(lg, bt, ref):
     return out
 
 
-def _mean(d):
-    return {k: float(np.mean(v)) for k, v in d.items()}
-
-
 def baselines(model, bos, encode, sp, cfg):
     """Zero-shot and in-context scores on the held-out queries; also returns the 10-shot
     log-probabilities at the first answer rows, the zero-shot batch and its layer input streams."""
@@ -157,7 +153,7 @@ def condense_seed(model, bos, encode, sp, cfg, ref, held0, held_streams):
     cref = log_softmax(head(model, [norm_rows(model, final_ctx, ctx.first_rows)])[0])
     for n in cfg.sizes:
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RankDeficientWarning)
+            warnings.simplefilter("ignore", RankDeficientWarning)   # reported instead: all_exact, max_rel_residual
             per, report = {v: [] for v in ALL_VARIANTS}, {"lstsq": [], "ridge": []}
             for l in range(L):
                 for form in ("vector", "lstsq", "ridge"):

@@ -89,7 +89,7 @@ def export_main(args):
     demo = " ".join(f"{d.x} -> {d.y};" for d in sp.demos[:3])
     print(f"wrote {folder} (config.json, model.safetensors): Gemma 3 270M with the {args.task} prompt "
           f"({demo} ...) condensed ({args.form}, all layers, {args.n} calibration queries)")
-    print(f"run it without the demonstrations: '{it.HEAD}{it.QUERY.format(x='<word>')}'")
+    print(f"run it without the demonstrations: {it.HEAD + it.QUERY.format(x='<word>')!r}")
     return int(not np.isfinite(sum(float(np.sum(np.abs(d))) for lp in deltas for d in lp.values())))
 
 
