@@ -28,6 +28,21 @@ def real_model(dtype="float32"):
         (lambda text: encode(tok, text, add_bos=False))
 
 
+def compact_json(obj):
+    """JSON text with floats to 6 significant digits and no spaces (the results hold every
+    query's scores)."""
+    def rnd(x):
+        if isinstance(x, float):
+            return float(f"{x:.6g}")
+        if isinstance(x, dict):
+            return {k: rnd(v) for k, v in x.items()}
+        if isinstance(x, list):
+            return [rnd(v) for v in x]
+        return x
+
+    return json.dumps(rnd(obj), separators=(",", ":"))
+
+
 def _ints(text):
     return tuple(int(x) for x in text.split(","))
 
@@ -53,7 +68,7 @@ def study_main(args):
     result = run_study(model, bos, encode, cfg, cache=cache)
     out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
+    out.write_text(compact_json(result) + "\n", encoding="utf-8")
     print(f"results: {out} ({result['seconds']:.0f} s)")
     try:
         Path(args.figure).parent.mkdir(parents=True, exist_ok=True)
@@ -113,4 +128,4 @@ def add_parsers(sub):
     e.set_defaults(func=export_main)
 
 
-__all__ = ["real_model", "study_main", "export_main", "add_parsers"]
+__all__ = ["real_model", "compact_json", "study_main", "export_main", "add_parsers"]
