@@ -88,6 +88,13 @@ class Model:
         """A copy of the model on another array namespace / device (e.g. cupy, array_api_strict)."""
         return Model(self.cfg, to(self.params, xp, dev))
 
+    def save_pretrained(self, path, extra=None):
+        """Write this model as a Hugging Face folder (config.json + model.safetensors); see
+        :func:`minipatch.io.export.save_pretrained`."""
+        from .io.export import save_pretrained
+
+        return save_pretrained(self, path, extra)
+
     def head_weight(self):
         return self.params.get("lm_head.weight", self.params["embed.weight"])
 

@@ -13,8 +13,9 @@ not available: these are LEAST-SQUARES FORMS, not that paper's construction).
 :func:`condense` turns a model's token-dependent patches (M7, for one context and many
 calibration queries) into one dense patch per weight; :func:`condensed_model` builds a new
 :class:`~minipatch.model.Model` with W + dW*. Their evaluation (KL, top-1 agreement on held-out
-queries: ``evaluate``, ``condensation_curve``, ``persona_experiment``) is in :mod:`minipatch.thought_eval`,
-re-exported here.
+queries: ``evaluate``, ``condensation_curve``, ``persona_experiment``) is in :mod:`minipatch.thought_eval`;
+the further forms of MATH.md T3 and T4 (covariance-weighted ridge, rank-r truncation) are in
+:mod:`minipatch.thought_forms`.
 """
 from __future__ import annotations
 
@@ -26,8 +27,6 @@ import numpy as np
 from .backend import device, namespace
 from .errors import InputError, ShapeError
 from .patches import Rank1, Scale, Shift
-# evaluation, re-exported so `from minipatch.thought import ...` keeps working
-from .thought_eval import condensation_curve, evaluate, persona_experiment  # noqa: F401
 
 
 class RankDeficientWarning(UserWarning):
@@ -108,15 +107,20 @@ def lstsq_patch(a, e, ridge=0.0):
     if ridge < 0:
         raise InputError(f"ridge must be >= 0, got {ridge}")
     _check_finite(a, "calibration inputs"), _check_finite(e, "calibration targets")
-    rank = int(xp.linalg.matrix_rank(a))
     if ridge == 0:
-        dwt = xp.linalg.pinv(a) @ e                                             # [in, out]
+        # one SVD gives both the rank and the pseudo-inverse, with numpy's shared cutoff
+        # max(T, in) * eps * s_max (that of matrix_rank and of pinv)
+        uu, s, vt = xp.linalg.svd(a, full_matrices=False)
+        tol = float(s[0]) * max(T, n_in) * float(xp.finfo(a.dtype).eps) if s.shape[0] else 0.0
+        rank = int(xp.sum(xp.astype(s > tol, xp.int64)))
+        dwt = vt[:rank, :].mT @ ((uu[:, :rank].mT @ e) / s[:rank, None])                 # [in, out]
         if rank < min(T, n_in):
             warnings.warn(
                 f"thought matrix: calibration inputs have rank {rank} < min(T={T}, in={n_in}) "
                 "(repeated or collinear tokens); the least-squares patch is not unique, "
                 "returning the minimum-norm one", RankDeficientWarning, stacklevel=3)
     else:
+        rank = int(xp.linalg.matrix_rank(a))
         eye = xp.eye(n_in, dtype=a.dtype, device=device(a))
         dwt = xp.linalg.solve(a.mT @ a + ridge * eye, a.mT @ e)
     res = float(xp.sqrt(xp.sum((a @ dwt - e) ** 2)))
@@ -217,15 +221,14 @@ def condense(model, context, queries, method="auto", ridge=0.0):
     Args:
       model: any :class:`~minipatch.model.Model`. context: int tokens [n].
       queries: list of int token lists (the kept tokens follow the context).
-      method: outer construction for :func:`~minipatch.absorb` ("auto": M6c for Gemma, where most of the
-        change goes into W_down and an elementwise residual into the norm scale).
+      method: outer construction for :func:`~minipatch.absorb` ("auto": the first construction
+        with a witness, MATH.md section 3; for Gemma most of the change goes into W_down and an
+        elementwise residual into the norm scale).
       ridge: ridge of every thought matrix.
     Returns:
       :class:`Condensed`.
     """
     from .absorb import absorb, patched_forward
-    from .ops import rms_unit
-    from .patches import linear
     from .validate import check_tokens
 
     ctx = check_tokens(context, model.cfg.vocab_size)
@@ -247,7 +250,6 @@ def condense(model, context, queries, method="auto", ridge=0.0):
     deltas, fits = [], []
     outer = model.spec.outer
     for l, named in enumerate(per_layer):
-        p = model.params["layers"][l]
         dl, fl = {}, {}
         for name, ps in named.items():
             if isinstance(ps[0], Rank1):
@@ -262,23 +264,45 @@ def condense(model, context, queries, method="auto", ridge=0.0):
                 continue
             if type(outer).__name__ != "RMSPostNormOuter" or name != outer.norm + ".weight":
                 raise InputError(f"condense: no least-squares rule for a scale patch on {name!r}")
-            xp = namespace(p[name])
-            w_new = dict(p)
-            if outer.down + ".weight" in dl:
-                w_new[outer.down + ".weight"] = p[outer.down + ".weight"] + dl[outer.down + ".weight"]
             h = _cat([tr["layers"][l]["h"] for tr in traces])
             m = _cat([tr["layers"][l]["m"] for tr in traces])
-            u = rms_unit(linear(w_new, outer.down, h), model.cfg.norm_eps)
-            scale = xp.sum(u * m, axis=0) / xp.sum(u * u, axis=0)
-            _check_finite(scale, f"least-squares scale of layer {l}")
-            s0 = p[name] + model.cfg.norm_offset if model.cfg.norm_offset else p[name]
-            res = float(xp.sqrt(xp.sum((u * scale - m) ** 2)))
-            tot = float(xp.sqrt(xp.sum(m * m)))
-            dl[name] = scale - s0
-            fl[name] = ScaleFit(scale, res, res / tot, int(h.shape[0]))
+            dl[name], fl[name] = post_scale_fit(model, l, h, m, dl.get(outer.down + ".weight"))
         deltas.append(dl)
         fits.append(fl)
     return Condensed(tuple(deltas), tuple(fits), int(sum(q.size for q in qs)), method)
+
+
+def post_scale_fit(model, layer, h, m, down_delta=None):
+    """Least-squares constant post-norm multiplier of one layer (MATH.md section 6, T2).
+
+        s*_k = sum_t u_tk m_tk / sum_t u_tk^2,   u_t = rms_unit(h_t (W_down + dW_down)^T)
+
+    Args:
+      model: a model whose MLP ends in a post-norm (Gemma, OLMo 2).
+      layer: the layer. h: [T, F] hidden of the patched run; m: [T, D] its post-norm output.
+      down_delta: the condensed change of W_down [D, F] (None: unchanged).
+    Returns:
+      (change of the norm parameter [D] = s* - s, :class:`ScaleFit`).
+    """
+    from .ops import rms_unit
+    from .patches import linear
+
+    outer, cfg = model.spec.outer, model.cfg
+    if type(outer).__name__ != "RMSPostNormOuter":
+        raise InputError(f"post_scale_fit: the {cfg.family} MLP has no post-norm")
+    p = model.params["layers"][layer]
+    xp = namespace(p[outer.norm + ".weight"])
+    w_new = dict(p)
+    if down_delta is not None:
+        w_new[outer.down + ".weight"] = p[outer.down + ".weight"] + down_delta
+    u = rms_unit(linear(w_new, outer.down, h), cfg.norm_eps)
+    scale = xp.sum(u * m, axis=0) / xp.sum(u * u, axis=0)
+    _check_finite(scale, f"least-squares scale of layer {layer}")
+    g = p[outer.norm + ".weight"]
+    s0 = g + cfg.norm_offset if cfg.norm_offset else g
+    res = float(xp.sqrt(xp.sum((u * scale - m) ** 2)))
+    tot = float(xp.sqrt(xp.sum(m * m)))
+    return scale - s0, ScaleFit(scale, res, res / tot, int(h.shape[0]))
 
 
 def condensed_model(model, deltas):
@@ -305,5 +329,5 @@ def condensed_model(model, deltas):
 
 
 __all__ = ["RankDeficientWarning", "ThoughtVector", "ThoughtMatrix", "ScaleFit", "Condensed",
-           "thought_vector", "thought_matrix", "lstsq_patch", "rank1_fit", "condense",
-           "condensed_model", "evaluate", "condensation_curve", "persona_experiment"]
+           "thought_vector", "thought_matrix", "lstsq_patch", "rank1_fit", "condense", "post_scale_fit",
+           "condensed_model"]

@@ -1,8 +1,7 @@
 """Evaluation of condensed context patches (MATH.md section 6): KL and top-1 agreement.
 
 The least-squares thought vectors / thought matrices and :func:`~minipatch.thought.condense`
-/ :func:`~minipatch.thought.condensed_model` live in :mod:`minipatch.thought` (which
-re-exports the functions here). :func:`evaluate` and :func:`condensation_curve` measure KL
+/ :func:`~minipatch.thought.condensed_model` live in :mod:`minipatch.thought`. :func:`evaluate` and :func:`condensation_curve` measure KL
 and top-1 agreement against the with-context model on held-out queries;
 :func:`persona_experiment` condenses a persona prompt of a real model and tests it on new
 questions.
@@ -15,6 +14,7 @@ import numpy as np
 
 from .backend import to_numpy
 from .errors import InputError
+from .thought import RankDeficientWarning, condense, condensed_model
 
 
 def _log_softmax(z):
@@ -61,8 +61,6 @@ def condensation_curve(model, context, calib, heldout, sizes, method="auto", rid
       dict of numpy arrays over sizes: n_tokens, kl, top1, kl_base, top1_base, calib_kl
       (KL on the calibration queries themselves), max_rel_residual.
     """
-    from .thought import RankDeficientWarning, condense, condensed_model
-
     out = {k: [] for k in ("n_tokens", "kl", "top1", "kl_base", "top1_base", "calib_kl", "max_rel_residual")}
     for k in sizes:
         with warnings.catch_warnings():
@@ -90,8 +88,6 @@ def persona_experiment(model, encode, persona, train_questions, test_questions, 
     Returns:
       dict: the :class:`Condensed`, held-out metrics (:func:`evaluate`), calibration metrics.
     """
-    from .thought import condense, condensed_model
-
     ctx = np.asarray(encode(persona), dtype=np.int64)
     tr = [np.asarray(encode(q), dtype=np.int64) for q in train_questions]
     te = [np.asarray(encode(q), dtype=np.int64) for q in test_questions]

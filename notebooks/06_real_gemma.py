@@ -49,11 +49,10 @@ from minipatch.experiment_report import format_table, plot
 from minipatch.io.gguf import gemma3_270m_path, read_gguf_metadata
 from minipatch.io.tokenizer import decode, encode, tokenizer_from_gguf
 from minipatch.patches import Scale
-from minipatch.thought import RankDeficientWarning, persona_experiment
 from minipatch.figures import figures_dir, show
 from minipatch.metrics import rel_err
-
-
+from minipatch.thought import RankDeficientWarning
+from minipatch.thought_eval import persona_experiment
 
 
 t0 = time.perf_counter()

@@ -36,10 +36,8 @@ from minipatch import lemmas
 from minipatch.models import tiny, tiny_gemma
 from minipatch.figures import show
 from minipatch.metrics import rel_err
-from minipatch.thought import (RankDeficientWarning, condensation_curve, condense, condensed_model, evaluate,
-                               thought_matrix, thought_vector)
-
-
+from minipatch.thought import RankDeficientWarning, condense, condensed_model, thought_matrix, thought_vector
+from minipatch.thought_eval import condensation_curve, evaluate
 
 
 rng = np.random.default_rng(0)

@@ -15,25 +15,14 @@ import numpy as np
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 
-ST_NAMES = {np.dtype("<f8"): "F64", np.dtype("<f4"): "F32", np.dtype("<f2"): "F16", np.dtype("<i8"): "I64",
-            np.dtype("<i4"): "I32", np.dtype("i1"): "I8", np.dtype("u1"): "U8", np.dtype("bool"): "BOOL"}
-
-
 def st_bytes(tensors, header_edit=None):
-    """safetensors bytes of {name: array} (little-endian), ``header_edit(header)`` applied last."""
-    header, chunks, pos = {}, [], 0
-    for name, a in tensors.items():
-        a = np.ascontiguousarray(a)
-        raw = a.astype(a.dtype.newbyteorder("<")).tobytes()
-        header[name] = {"dtype": ST_NAMES[a.dtype.newbyteorder("<") if a.dtype.itemsize > 1 else a.dtype],
-                        "shape": list(a.shape), "data_offsets": [pos, pos + len(raw)]}
-        chunks.append(raw)
-        pos += len(raw)
+    """safetensors bytes of {name: array} (minipatch's writer), ``header_edit(header)`` applied last."""
+    from minipatch.io.safetensors import safetensors_bytes, safetensors_layout
+
+    header, chunks = safetensors_layout(tensors)
     if header_edit is not None:
         header_edit(header)
-    hb = json.dumps(header).encode()
-    hb += b" " * (-len(hb) % 8)
-    return struct.pack("<Q", len(hb)) + hb + b"".join(chunks)
+    return safetensors_bytes(header, chunks)
 
 
 def read_fixture(name):

@@ -10,8 +10,9 @@ from minipatch import lemmas
 from minipatch.backend import to_numpy
 from minipatch.errors import InputError, ShapeError
 from minipatch.models import tiny, tiny_gemma
-from minipatch.thought import (RankDeficientWarning, condensation_curve, condense, condensed_model, evaluate,
-                               lstsq_patch, thought_matrix, thought_vector)
+from minipatch.thought import (RankDeficientWarning, condense, condensed_model, lstsq_patch, thought_matrix,
+                               thought_vector)
+from minipatch.thought_eval import condensation_curve, evaluate
 
 from helpers import CONTROL_MIN, TOL64_BLOCK, TOL64_MODEL, rel_err
 
@@ -167,7 +168,7 @@ def test_condensation_curve_shapes():
 def test_real_persona(real_gemma):
     """Real Gemma 3 270M: a persona condensed into dense patches, tested on new questions."""
     model, encode = real_gemma
-    from minipatch.thought import persona_experiment
+    from minipatch.thought_eval import persona_experiment
 
     out = persona_experiment(model, encode, "You are a pirate. Answer like a pirate.\n",
                              ["Q: What is your name?\nA:", "Q: Where do you live?\nA:"],

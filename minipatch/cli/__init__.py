@@ -11,6 +11,8 @@ theory lives in the package, never here.
     python -m minipatch experiment [--n-new 20] [--prompts 1,2] [--json out.json] [--figure F]
     python -m minipatch assignment UNIT --out DIR
     python -m minipatch grade DIR [DIR ...] [--unit UNIT] [--hidden] [--json] [--out FILE]
+    python -m minipatch icl-tasks [--json F] [--figure F] [--tables JSON]   # prompts into weights
+    python -m minipatch export DIR [--task T] [--n N] [--form lstsq|ridge]
 
 The main job's rows are "pass", "FAIL" or "info" (a construction expected to miss the bar
 because a documented precondition does not hold; see minipatch/cli/report.py). It exits
@@ -60,6 +62,7 @@ def main(argv=None):
     from .audit import add_parser as add_audit
     from .course import add_parsers as add_course
     from .experiment import add_parser as add_experiment
+    from .icl import add_parsers as add_icl
     from .reference import add_parser as add_reference
     from .verify_patches import add_parser as add_verify
 
@@ -68,6 +71,7 @@ def main(argv=None):
     add_verify(sub)
     add_experiment(sub)
     add_course(sub)
+    add_icl(sub)
     args = parser.parse_args(argv)
     if args.cmd is None:
         return check_main(args)

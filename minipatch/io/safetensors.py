@@ -1,4 +1,4 @@
-"""A strict, dependency-free safetensors reader in numpy.
+"""A strict, dependency-free safetensors reader (and a small writer) in numpy.
 
 File layout (https://github.com/huggingface/safetensors, "Format"):
 
@@ -37,7 +37,7 @@ from minipatch.io.files import MAX_CONFIG_BYTES, MAX_INDEX_BYTES, open_regular, 
 from minipatch.validate import check_float_dtype
 
 __all__ = ["read_safetensors", "read_safetensors_index", "read_checkpoint_folder", "read_checkpoint_index",
-           "DTYPES", "MAX_HEADER_BYTES"]
+           "safetensors_layout", "safetensors_bytes", "write_safetensors", "DTYPES", "MAX_HEADER_BYTES"]
 
 MAX_HEADER_BYTES = 100_000_000
 """Largest accepted JSON header (the reference implementation's limit)."""
@@ -310,3 +310,53 @@ def _read_json(path: Path, what: str, limit: int) -> dict:
     if not isinstance(obj, dict):
         _fail(path, f"bad {what}: top level must be a JSON object, got {type(obj).__name__}")
     return obj
+
+
+# ---- writing ---------------------------------------------------------------------------------
+
+_WRITE_NAMES = {np.dtype(v).str: k for k, v in DTYPES.items() if k not in ("BF16", "BOOL")}
+
+
+def safetensors_layout(tensors, metadata=None):
+    """(header dict, list of data chunks) of ``{name: array}``, tensors in the given order.
+
+    Little-endian bytes; dtypes F64, F32, F16, I64, I32, I8, U8 and BOOL. ``metadata``: an
+    optional ``{str: str}`` stored as ``__metadata__``.
+    """
+    header, chunks, pos = {}, [], 0
+    if metadata is not None:
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+            raise ModelFileError("safetensors metadata must map str to str")
+        header["__metadata__"] = dict(metadata)
+    for name, a in tensors.items():
+        a = np.asarray(a)
+        if not isinstance(name, str) or name == "__metadata__":
+            raise ModelFileError(f"bad tensor name {name!r}")
+        if a.dtype == np.bool_:
+            kind, raw = "BOOL", np.ascontiguousarray(a).astype(np.uint8).tobytes()
+        else:
+            le = a.dtype.newbyteorder("<") if a.dtype.itemsize > 1 else a.dtype
+            kind = _WRITE_NAMES.get(np.dtype(le).str)
+            if kind is None:
+                raise ModelFileError(f"tensor {name!r}: dtype {a.dtype} cannot be written as safetensors")
+            raw = np.ascontiguousarray(a, dtype=le).tobytes()
+        header[name] = {"dtype": kind, "shape": list(a.shape), "data_offsets": [pos, pos + len(raw)]}
+        chunks.append(raw)
+        pos += len(raw)
+    return header, chunks
+
+
+def safetensors_bytes(header, chunks):
+    """The file bytes of a (header, chunks) layout: length, JSON header padded with spaces to a
+    multiple of 8 bytes, data."""
+    hb = json.dumps(header, separators=(",", ":")).encode()
+    hb += b" " * (-len(hb) % 8)
+    return len(hb).to_bytes(8, "little") + hb + b"".join(chunks)
+
+
+def write_safetensors(path, tensors, metadata=None):
+    """Write ``{name: array}`` to ``path`` as a safetensors file (readable by
+    :func:`read_safetensors` and by the ``safetensors`` package)."""
+    data = safetensors_bytes(*safetensors_layout(tensors, metadata))
+    Path(path).write_bytes(data)
+    return Path(path)
