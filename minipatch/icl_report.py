@@ -3,7 +3,8 @@
 - :func:`summary`: per task and method, held-out first-token accuracy, exact match and KL to the
   10-shot model, mean and standard deviation over seeds, at every calibration size.
 - :func:`tables`: the README's tables (Markdown): task x method at each method's best calibration
-  size, and the means over tasks.
+  size (chosen on one half of the held-out queries, reported on the other), and the means over
+  tasks at every size.
 - :func:`figure`: one panel per method, the fraction of the in-context gain recovered against the
   number of calibration queries, one line per task.
 """
@@ -28,6 +29,14 @@ def _stat(values):
     return {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if v.size > 1 else 0.0, "n": int(v.size)}
 
 
+def _halves(runs, metric="first"):
+    """Stats over seeds of the metric on the first half of each seed's held-out queries (where a
+    calibration size may be selected) and on the second half (where it is then reported)."""
+    h = len(runs[0][metric]) // 2
+    return {metric + "_select": _stat([np.mean(r[metric][:h]) for r in runs]),
+            metric + "_report": _stat([np.mean(r[metric][h:]) for r in runs])}
+
+
 def summary(result):
     """{task: {"learned", "gain", "zero"/"icl5"/"icl10": {metric: stat}, "methods": {method: {size:
     {metric: stat, "layers": [...]}}}}}; a stat is mean, std (over seeds) and n."""
@@ -36,13 +45,14 @@ def summary(result):
         seeds = list(t["seeds"].values())
         row = {"learned": t["learned"], "gain": t["gain"]}
         for base in seeds[0]["baselines"]:
-            row[base] = {m: _stat([np.mean(s["baselines"][base][m]) for s in seeds]) for m in METRICS}
+            runs = [s["baselines"][base] for s in seeds]
+            row[base] = {**{m: _stat([np.mean(r[m]) for r in runs]) for m in METRICS}, **_halves(runs)}
         if all("condense" in s for s in seeds):
             methods = {}
             for size in seeds[0]["condense"]["sizes"]:
                 for meth in METHODS:
                     runs = [s["condense"]["sizes"][size][meth] for s in seeds]
-                    cell = {m: _stat([np.mean(r[m]) for r in runs]) for m in METRICS}
+                    cell = {**{m: _stat([np.mean(r[m]) for r in runs]) for m in METRICS}, **_halves(runs)}
                     if "layer" in runs[0]:
                         cell["layers"] = [r["layer"] for r in runs]
                     methods.setdefault(meth, {})[size] = cell
@@ -56,8 +66,9 @@ def summary(result):
 
 
 def best_size(cells):
-    """The calibration size with the highest mean held-out first-token accuracy (ties: the smaller)."""
-    return max(cells, key=lambda z: (cells[z]["first"]["mean"], -int(z)))
+    """The calibration size with the highest mean first-token accuracy on the selection half of
+    the held-out queries (ties: the smaller); the tables report it on the other half."""
+    return max(cells, key=lambda z: (cells[z]["first_select"]["mean"], -int(z)))
 
 
 def recovered(acc, lo, hi):
@@ -76,14 +87,14 @@ def tables(result):
     big, small = f"icl{k}", f"icl{k5}"
     tasks = [t for t, r in s.items() if "methods" in r]
     head = "| method | " + " | ".join(tasks) + " |\n|---|" + "---|" * len(tasks) + "\n"
-    rows = [("zero-shot (floor)", [_pct(s[t]["zero"]["first"]) for t in tasks]),
-            (f"in context, k = {k5}", [_pct(s[t][small]["first"]) for t in tasks]),
-            (f"in context, k = {k} (ceiling)", [_pct(s[t][big]["first"]) for t in tasks])]
+    rows = [("zero-shot (floor)", [_pct(s[t]["zero"]["first_report"]) for t in tasks]),
+            (f"in context, k = {k5}", [_pct(s[t][small]["first_report"]) for t in tasks]),
+            (f"in context, k = {k} (ceiling)", [_pct(s[t][big]["first_report"]) for t in tasks])]
     for meth in METHODS:
         cells = []
         for t in tasks:
             z = best_size(s[t]["methods"][meth])
-            cells.append(f"{_pct(s[t]['methods'][meth][z]['first'])} (n={z})")
+            cells.append(f"{_pct(s[t]['methods'][meth][z]['first_report'])} (n={z})")
         rows.append((LABELS[meth], cells))
     main = head + "".join(f"| {name} | " + " | ".join(c) + " |\n" for name, c in rows)
     sizes = sorted(s[tasks[0]]["methods"][METHODS[0]], key=int) if tasks else []
