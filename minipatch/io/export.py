@@ -68,7 +68,7 @@ def hf_config(cfg, extra=None):
     ``extra``: further keys (token ids, ``max_position_embeddings``) that do not change the
     architecture. The result is checked: the loader must read it back as ``cfg``.
     """
-    from .config_check import model_config
+    from .hf_builders import model_config
 
     if cfg.family not in BUILDERS:
         raise UnsupportedArchitectureError(f"export: family {cfg.family!r} is not supported; one of {sorted(BUILDERS)}")

@@ -21,7 +21,9 @@ from ..errors import ModelFileError, ShapeError
 from .hf_tables import (GEMMA, GPT2, GPTJ, IGNORED, LLAMA, MIXTRAL, OLMO2, PHI,  # noqa: F401
                         QWEN2_MOE, QWEN3, neox_table)
 
-from .config_check import HF_DEFAULTS, check_tensor_index, layer_indices, model_config
+from .config_check import HF_DEFAULTS
+from .hf_builders import model_config
+from .tensor_index import check_tensor_index, layer_indices
 
 # model_type -> name table, or a table builder taking the config dict (GPT-NeoX's fused QKV)
 TABLES = {
