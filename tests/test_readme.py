@@ -175,3 +175,23 @@ def test_m6_paragraph_open_loop_numbers(main_quick):
     fresh = _rows(main_quick[1])
     got = {k[3]: v[0] for k, v in fresh.items() if k[0] == "M7 through 12 layers" and k[2] == "m6a/open"}
     assert said and number_agrees(said[1], got["float64"]) and number_agrees(said[2], got["float32"]), got
+
+
+def test_performance_numbers_are_the_committed_benchmarks():
+    """The Performance table and text quote figures/bench_cache.json and bench_real_gemma.json,
+    which the quoted benchmark commands write."""
+    c = json.loads((ROOT / "figures" / "bench_cache.json").read_text(encoding="utf-8"))
+    r = json.loads((ROOT / "figures" / "bench_real_gemma.json").read_text(encoding="utf-8"))
+    text = " ".join(README[README.index("### Performance"):README.index("## Auditing")].split())
+    sc = {row["T"]: row for row in c["scaling"]}
+    for want in (f"per token | {c['greedy_per_token_s']['ratio']:.2f} |",
+                 f"| {c['absorb_vs_forward']['ratio']:.2f}; {c['absorb_vs_forward']['ratio_open']:.2f} |",
+                 f"non-finite checks | {c['finite_checks']['ratio']:.2f} |",
+                 f"| {r['ours_vs_hf']:.2f} | ≤ 1.0 |", f"| {r['absorb_s'] / r['hf']['forward_s']:.2f} |",
+                 f"time grows {sc[8192]['forward_s'] / sc[128]['forward_s']:.0f}x for the forward and "
+                 f"{sc[8192]['absorb_s'] / sc[128]['absorb_s']:.0f}x for absorb",
+                 f"about {sc[8192]['absorb_peak_mb'] / 8192 * 1024:.0f} KB per token"):
+        assert want in text, want
+    said = re.search(r"one experiment step at T = (\d+) costs ([0-9.]+)x less", " ".join(README.split()))
+    assert said and int(said[1]) == c["experiment_step_s"]["length"]
+    assert number_agrees(said[2], f"{c['experiment_step_s']['ratio']:.1f}")
