@@ -21,10 +21,8 @@ def figures_dir():
 
 def show(fig, name):
     """Save ``fig`` as ``figures_dir()/name`` (byte-stable: no software stamp) and display it
-    inline; returns the path."""
+    inline. Returns None, so a cell ending in ``show(...)`` prints nothing more."""
     import matplotlib.pyplot as plt
 
-    path = figures_dir() / name
-    fig.savefig(path, dpi=110, metadata={"Software": None})
+    fig.savefig(figures_dir() / name, dpi=110, metadata={"Software": None})
     plt.show()
-    return path
