@@ -10,7 +10,8 @@ Ratios, each measured in one run (best of ``--repeats`` interleaved rounds after
 * **absorbed greedy per token / plain cached greedy per token** (goal <= 2.5): ``greedy(...,
   context='all_but_last')`` (one cached with-context step + one patched single-token pass)
   against ``greedy(...)`` with the context in the prompt, after the same prompt;
-* **uncached experiment step / cached experiment step** (goal >= 20 for the experiment):
+* **uncached experiment step / cached experiment step** (the cache's share of the
+  experiment's speed-up; the rest is running the runs together, ``bench_experiment.py``):
   the experiment's step as it was before the cache (``absorb`` over the whole prefix, open
   loop, then the patched forward) against :func:`minipatch.absorb_step`, at the same length;
 * **absorb / with-context forward** at T = ``--tokens`` (goal <= 1.2), closed and open loop;

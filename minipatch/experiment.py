@@ -15,9 +15,14 @@ whose logits are still computed from identical prefixes):
 - token agreement: ``first_divergence`` (the first step whose tokens differ, None if none),
   ``prefix_agree`` (steps before it) and ``agree`` (positions with equal tokens).
 
-The reference run is computed once per prompt and dtype and shared by the methods. The
+The reference run is computed once per prompt and dtype and shared by the methods. By
+default every run of a dtype is advanced together (:mod:`minipatch.lockstep`: one batched
+with-context step for all sequences, every run's patched token through each layer at once);
+``engine='single'`` runs each alone through :func:`~minipatch.absorb.greedy`. Both compute
+the same values; they differ by rounding only (matmuls of other shapes), which is what
+separates the runs of an ill-conditioned construction (M6a in float32 and bfloat16). The
 Markdown table (``format_table``) and the figure (``plot``) are in
-:mod:`minipatch.experiment_report`, re-exported here.
+:mod:`minipatch.experiment_report`.
 
 Dtypes:
 
@@ -44,6 +49,7 @@ import numpy as np
 from .absorb import greedy
 from .backend import to_numpy
 from .errors import InputError, MinipatchError
+from .lockstep import Run, lockstep_greedy, scale_sizes
 from .patches import Patches, Rank1, Scale, Shift
 
 PROMPTS = (   # the five prompts of the shared Gemma 3 270M fixtures (prompts.json)
@@ -112,19 +118,16 @@ def model_for(model64, dtype):
 
 class ScaleWatch:
     """A ``patch_fn`` for :func:`~minipatch.absorb.greedy`: passes each layer patch through
-    ``round_fn`` (None: unchanged) and records the largest |scale patch| seen (M6a/M6c/M6d's
-    additive ``add``; M6b's multiplicative ``mul`` as |mul - 1|), the number that multiplies
-    rounding (MATH.md M6d, M7)."""
+    ``round_fn`` (None: unchanged) and records the largest |scale patch| seen
+    (:func:`~minipatch.lockstep.scale_sizes`)."""
 
     def __init__(self, round_fn=None):
         self.round_fn, self.largest = round_fn, 0.0
 
     def __call__(self, layer_patch):
-        for p in layer_patch.values():
-            if isinstance(p, Scale):
-                for a, off in ((p.add, 0.0), (p.mul, 1.0)):
-                    if a is not None:
-                        self.largest = max(self.largest, float(np.max(np.abs(to_numpy(a) - off))))
+        n = next(iter(layer_patch.values())).n_tokens if layer_patch else 0
+        if n:
+            self.largest = max(self.largest, float(np.max(scale_sizes(layer_patch, n))))
         return layer_patch if self.round_fn is None else round_layer(layer_patch, self.round_fn)
 
 
@@ -145,15 +148,20 @@ def patched_greedy(model, tokens, n_new, method, round_fn=None, callback=None, o
     return ids, rows, watch.largest
 
 
-def compare(ref_ids, ref_rows, ids, rows):
-    """Per-step errors up to the first divergence, and the token agreement counts."""
+def compare(ref_ids, ids, abs_err, scale):
+    """Per-step errors up to the first divergence, and the token agreement counts.
+
+    Args:
+      ref_ids, ids: [n] the with-context and the patched run's tokens. abs_err: [n] per step,
+      max |patched - with-context logits|. scale: [n] max |with-context logits|.
+    """
+    ref_ids, ids = np.asarray(ref_ids), np.asarray(ids)
     diff = np.flatnonzero(ref_ids != ids)
     first = int(diff[0]) if diff.size else None
     upto = len(ref_ids) if first is None else first + 1
-    scale = np.max(np.abs(ref_rows[:upto]), axis=-1)
-    abs_err = np.max(np.abs(rows[:upto].astype(np.float64) - ref_rows[:upto]), axis=-1)
-    return dict(abs_err=abs_err.tolist(), rel_err=(abs_err / scale).tolist(), first_divergence=first,
-                prefix_agree=len(ref_ids) if first is None else first,
+    abs_err = np.asarray(abs_err[:upto], dtype=np.float64)
+    return dict(abs_err=abs_err.tolist(), rel_err=(abs_err / np.asarray(scale[:upto])).tolist(),
+                first_divergence=first, prefix_agree=len(ref_ids) if first is None else first,
                 agree=int(np.sum(ref_ids == ids)), tokens=ids.tolist())
 
 
@@ -186,8 +194,11 @@ class _Progress:
             print(file=sys.stderr)
 
 
+ENGINES = ("lockstep", "single")
+
+
 def run_experiment(model64, tokenizer, prompts, n_new=20, dtypes=DTYPES, methods=METHODS, progress=True,
-                   orders=ORDERS):
+                   orders=ORDERS, engine="lockstep"):
     """The section-4 experiment: with-context greedy vs patched greedy with only the current token.
 
     Args:
@@ -198,47 +209,71 @@ def run_experiment(model64, tokenizer, prompts, n_new=20, dtypes=DTYPES, methods
       methods: post-FFW norm witnesses to compare ('m6a', 'm6b', 'm6c', 'm6d', 'auto').
       progress: show a progress bar on stderr.
       orders: M7's order of construction, 'closed' and/or 'open' (MATH.md M7).
+      engine: 'lockstep' (every run of a dtype advanced together,
+        :func:`~minipatch.lockstep.lockstep_greedy`) or 'single' (each run alone through
+        :func:`~minipatch.absorb.greedy`, the path users call). The two compute the same
+        thing with different matmul shapes, so they differ by rounding only.
     Returns:
       dict: ``runs`` (one entry per prompt x dtype x method, see :func:`compare`, plus the
       reference tokens and texts), ``summary`` (per dtype and method: token agreement,
-      max and mean logit errors over the compared steps), ``seconds``, ``n_new``.
+      max and mean logit errors over the compared steps), ``seconds``, ``n_new``, ``engine``.
     """
     from .io.tokenizer import decode, encode
 
+    if engine not in ENGINES:
+        raise InputError(f"engine must be one of {ENGINES}, got {engine!r}")
     t0 = time.perf_counter()
     toks = [np.asarray(encode(tokenizer, p), dtype=np.int64) for p in prompts]
-    bar = _Progress(len(prompts) * len(dtypes) * (1 + len(methods) * len(orders)) * n_new, progress)
+    per_dtype = n_new if engine == "lockstep" else len(prompts) * (1 + len(methods) * len(orders))
+    bar = _Progress(len(dtypes) * per_dtype, progress)
     runs = []
     for dtype in dtypes:
         model, round_fn = model_for(model64, dtype)
-        for k, (text, tok) in enumerate(zip(prompts, toks)):
-            lab = f"{dtype} prompt {k + 1}"
-            ref_ids, ref_rows = greedy(model, tok, n_new, callback=lambda s, t: bar.step(lab + " ref"))
-            ref_rows = ref_rows.astype(np.float64)
-            for order in orders:
-                for m in methods:
-                    entry = dict(prompt=k, text=text, dtype=dtype, method=m, order=order,
-                                 ref_tokens=ref_ids.tolist(), ref_text=decode(tokenizer, ref_ids))
-                    done = []
-
-                    def tick(s, t, label=f"{lab} {order} {m}"):
-                        done.append(s)
-                        bar.step(label)
-
-                    try:
-                        ids, rows, big = patched_greedy(model, tok, n_new, m, round_fn, order=order, callback=tick)
-                        entry.update(compare(ref_ids, ref_rows, ids, rows), text_patched=decode(tokenizer, ids),
-                                     largest_scale=big, error=None)
-                    except MinipatchError as e:   # a witness that does not exist for this input
-                        entry.update(error=f"{type(e).__name__}: {e}", abs_err=[], rel_err=[], agree=0,
-                                     prefix_agree=0, first_divergence=0, tokens=[], largest_scale=None)
-                        for _ in range(n_new - len(done)):     # the steps it did not run
-                            bar.step(f"{lab} {order} {m}")
-                    runs.append(entry)
+        if engine == "lockstep":
+            patch_fn = None if round_fn is None else (lambda lp, f=round_fn: round_layer(lp, f))
+            refs, done = lockstep_greedy(model, toks, n_new, methods, orders, patch_fn,
+                                         callback=lambda s, d=dtype: bar.step(d))
+        else:
+            refs, done = _single_runs(model, toks, n_new, methods, orders, round_fn, lambda d=dtype: bar.step(d))
+        for r in done:
+            ref = refs[r.prompt]
+            entry = dict(prompt=r.prompt, text=prompts[r.prompt], dtype=dtype, method=r.method, order=r.order,
+                         ref_tokens=ref["ids"].tolist(), ref_text=decode(tokenizer, ref["ids"]))
+            if r.error is None:
+                ids = np.asarray(r.ids, np.int64)
+                entry.update(compare(ref["ids"], ids, r.abs_err, ref["scale"]), text_patched=decode(tokenizer, ids),
+                             largest_scale=float(r.largest), error=None)
+            else:                              # a witness that does not exist for this input
+                entry.update(error=r.error, abs_err=[], rel_err=[], agree=0, prefix_agree=0, first_divergence=0,
+                             tokens=[], largest_scale=None)
+            runs.append(entry)
         del model
     bar.close()
     return dict(n_new=n_new, prompts=list(prompts), runs=runs, summary=summarize(runs, n_new),
-                seconds=time.perf_counter() - t0)
+                seconds=time.perf_counter() - t0, engine=engine)
+
+
+def _single_runs(model, toks, n_new, methods, orders, round_fn, tick):
+    """What :func:`~minipatch.lockstep.lockstep_greedy` returns, one run at a time through
+    :func:`~minipatch.absorb.greedy` (the 'single' engine)."""
+    refs, runs = [], []
+    for k, tok in enumerate(toks):
+        ids, rows = greedy(model, tok, n_new)
+        rows = rows.astype(np.float64)
+        refs.append(dict(ids=ids, scale=np.max(np.abs(rows), axis=-1)))
+        tick()
+        for order in orders:
+            for m in methods:
+                run = Run(k, m, order)
+                try:
+                    got, prow, run.largest = patched_greedy(model, tok, n_new, m, round_fn, order=order)
+                    run.ids = got.tolist()
+                    run.abs_err = np.max(np.abs(prow.astype(np.float64) - rows), axis=-1).tolist()
+                except MinipatchError as e:   # a witness that does not exist for this input
+                    run.error = f"{type(e).__name__}: {e}"
+                runs.append(run)
+                tick()
+    return refs, runs
 
 
 def summarize(runs, n_new):

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .backend import namespace, to_numpy
+from .backend import device, namespace, to_numpy
 from .errors import ShapeError
 
 PATCHED_NORMS = ("attn_post_norm.weight", "mlp_post_norm.weight", "attn_res_norm.weight", "mlp_res_norm.weight")
@@ -231,9 +231,41 @@ def concat_patches(parts):
                    parts[0].origin)
 
 
-def _device_of(p):
-    from .backend import device
+def stack_patches(parts):
+    """One layer patch holding the rows of several (in order), which may come from different
+    constructions: an entry one of them lacks is filled with its exact no-op (a zero rank-1
+    or shift, a zero ``add``, a unit ``mul``), so every row is patched exactly as its own
+    patch would patch it."""
+    if len(parts) == 1:
+        return parts[0]
+    out = {}
+    for name in dict.fromkeys(k for p in parts for k in p):
+        have = next(p[name] for p in parts if name in p)
+        fields = {}
+        for f in vars(have):
+            like = next((getattr(p[name], f) for p in parts if name in p and getattr(p[name], f) is not None), None)
+            if like is None:
+                fields[f] = None
+                continue
+            xp = namespace(like)
+            fill = 1 if f == "mul" else 0
+            fields[f] = xp.concat([getattr(p[name], f) if name in p and getattr(p[name], f) is not None
+                                   else xp.full((_rows(p),) + tuple(like.shape[1:]), fill, dtype=like.dtype,
+                                                device=device(like))
+                                   for p in parts], axis=0)
+        out[name] = type(have)(**fields)
+    return out
 
+
+def _rows(patch):
+    for p in patch.values():
+        for a in vars(p).values():
+            if a is not None:
+                return a.shape[0]
+    return 0
+
+
+def _device_of(p):
     for a in vars(p).values():
         if a is not None:
             return device(a)

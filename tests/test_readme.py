@@ -17,6 +17,7 @@ import json
 import re
 import shlex
 
+import numpy as np
 import pytest
 
 from helpers import NUMBER, ROOT, number_agrees
@@ -139,21 +140,46 @@ def test_experiment_table_is_the_committed_results():
     assert format_table(EXPERIMENT) in README
 
 
+SINGLE = json.loads((ROOT / "figures" / "experiment_m6a_single.json").read_text(encoding="utf-8"))
+SINGLE_RUN = next(r for r in SINGLE["runs"] if r["error"] and r["dtype"] == "float32")
+SECONDS = json.loads((ROOT / "figures" / "experiment_generation.json").read_text(encoding="utf-8"))["seconds"]
+BASELINE = (828, 9)          # the uncached per-run experiment the issue measured: seconds, configurations
+
+
 @pytest.mark.parametrize("pattern,value", [
     # (a README phrase with one number, the number the committed results give)
-    (r"keeps every token in float64\s+\(error ([0-9.e+-]+)\)", lambda s: s["float64/closed/m6a"]["max_abs_err"]),
-    (r"and ([0-9]+)/100 in float32", lambda s: s["float32/closed/m6a"]["agree"]),
-    (r"`δ / u\^C` reaches ([0-9.e+-]+), error still", lambda s: s["float32/closed/m6a"]["largest_scale"]),
-    (r"error still ([0-9.e+-]+)\)", lambda s: s["float32/closed/m6a"]["max_abs_err"]),
+    (r"keeps every\s+token in float64 \(error ([0-9.e+-]+)\)", lambda s: s["float64/closed/m6a"]["max_abs_err"]),
+    (r"\(0 or ([0-9]+) of 100 tokens in every dtype\)",
+     lambda s: max(s[f"{d}/open/m6a"]["agree"] for d in ("float32", "float64", "bfloat16"))),
+    (r"`δ / u\^C` reaches ([0-9.e+-]+),", lambda s: s["float32/closed/m6a"]["largest_scale"]),
+    (r"All runs together \(the table\): ([0-9]+)/100 tokens in float32", lambda s: s["float32/closed/m6a"]["agree"]),
+    (r"and ([0-9]+)/100 in\s+bfloat16\. One at a time", lambda s: s["bfloat16/closed/m6a"]["agree"]),
+    (r"\(`--engine single`, the `greedy` path\): ([0-9]+)/100 in float32",
+     lambda s: SINGLE["summary"]["float32/closed/m6a"]["agree"]),
+    (r"coordinate comes out as ([0-9.e+-]+), below", lambda s: float(re.search(r"= ([-0-9.e+]+) at", SINGLE_RUN["error"])[1])),
+    (r"\(float32's machine epsilon, ([0-9.e+-]+)\), and", lambda s: float(np.finfo(np.float32).eps)),
+    (r"\), and ([0-9]+)/100 in bfloat16:", lambda s: SINGLE["summary"]["bfloat16/closed/m6a"]["agree"]),
+    (r"rounding level \(float64 ~([0-9.e+-]+),", lambda s: s["float64/closed/m6d"]["max_abs_err"]),
+    (r"float32 ~([0-9.e+-]+)\)\. In open loop", lambda s: s["float32/closed/m6d"]["max_abs_err"]),
     (r"M6c's residual scale patch \(up to ([0-9.e+-]+)\)", lambda s: s["float64/open/m6c"]["largest_scale"]),
-    (r"amplifies rounding \(float64 ([0-9.e+-]+),", lambda s: s["float64/open/m6c"]["max_abs_err"]),
+    (r"amplifies rounding\s+\(float64 ([0-9.e+-]+),", lambda s: s["float64/open/m6c"]["max_abs_err"]),
     (r"while M6d's stays near ([0-9.e+-]+),", lambda s: s["float64/open/m6d"]["largest_scale"]),
+    (r"The full run takes ([0-9]+) s on 2", lambda s: round(SECONDS)),
+    (r"speed-up \(([0-9]+)x in wall time", lambda s: round(BASELINE[0] / SECONDS)),
+    (r"in wall time, ([0-9]+)x per configuration\)", lambda s: round(BASELINE[0] / BASELINE[1] / (SECONDS / 24))),
 ])
 def test_experiment_prose_quotes_the_results(pattern, value):
     said = re.search(pattern, README)
     assert said, pattern
     got = value(EXPERIMENT)
     assert number_agrees(said[1], f"{got:.1e}" if isinstance(got, float) else str(got)), (said[1], got)
+
+
+def test_single_engine_command_is_quoted():
+    assert ("python -m minipatch experiment --engine single --dtypes float32,bfloat16 --methods m6a "
+            "--orders closed --json figures/experiment_m6a_single.json") in README
+    assert SINGLE["engine"] == "single" and len(SINGLE["runs"]) == 10
+    assert "u^C coordinate" in SINGLE_RUN["error"] and "layer 15" in SINGLE_RUN["error"]
 
 
 @pytest.mark.parametrize("pattern,key", [
@@ -182,6 +208,7 @@ def test_performance_numbers_are_the_committed_benchmarks():
     which the quoted benchmark commands write."""
     c = json.loads((ROOT / "figures" / "bench_cache.json").read_text(encoding="utf-8"))
     r = json.loads((ROOT / "figures" / "bench_real_gemma.json").read_text(encoding="utf-8"))
+    e = json.loads((ROOT / "figures" / "bench_experiment.json").read_text(encoding="utf-8"))
     text = " ".join(README[README.index("### Performance"):README.index("## Auditing")].split())
     sc = {row["T"]: row for row in c["scaling"]}
     for want in (f"per token | {c['greedy_per_token_s']['ratio']:.2f} |",
@@ -190,7 +217,9 @@ def test_performance_numbers_are_the_committed_benchmarks():
                  f"| {r['ours_vs_hf']:.2f} | ≤ 1.0 |", f"| {r['absorb_s'] / r['hf']['forward_s']:.2f} |",
                  f"time grows {sc[8192]['forward_s'] / sc[128]['forward_s']:.0f}x for the forward and "
                  f"{sc[8192]['absorb_s'] / sc[128]['absorb_s']:.0f}x for absorb",
-                 f"about {sc[8192]['absorb_peak_mb'] / 8192 * 1024:.0f} KB per token"):
+                 f"about {sc[8192]['absorb_peak_mb'] / 8192 * 1024:.0f} KB per token",
+                 f"{e['prompts']} prompts × {e['n_new']} tokens × {e['configurations']} configurations), one run at "
+                 f"a time / all runs together | {e['ratio']:.1f} |"):
         assert want in text, want
     said = re.search(r"one experiment step at T = (\d+) costs ([0-9.]+)x less", " ".join(README.split()))
     assert said and int(said[1]) == c["experiment_step_s"]["length"]

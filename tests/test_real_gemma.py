@@ -12,6 +12,7 @@ import pytest
 
 import minipatch as mp
 from helpers import CONTROL_MIN, TOL32, TOL64_MODEL, rel_err, fixture
+from minipatch.errors import InputError
 
 pytestmark = pytest.mark.real
 PROMPTS = (1, 2, 3, 4, 5)
@@ -188,6 +189,29 @@ def test_experiment_float64_m6c(real_gemma64, real_tokenizer):
     s = out["summary"]["float64/closed/m6c"]
     assert s["agree"] == 2 and s["max_rel_err"] <= TOL64_MODEL
     assert out["runs"][0]["ref_tokens"] == _ref(4)["greedy_fp64"][:2].tolist()
+
+
+def test_experiment_engines_agree(real_gemma64, real_tokenizer):
+    """Both engines of the experiment (lockstep and one run at a time through greedy) on the
+    real model: the same tokens, the same errors to rounding, the same refusals (M6b has no
+    witness here); a well-conditioned construction is exact in both, and an unpatched single
+    token (the open loop's M6a aside, the negative control) is far from the with-context run."""
+    from minipatch.experiment import PROMPTS, run_experiment
+
+    kw = dict(n_new=3, dtypes=("float64",), methods=("m6b", "m6d"), orders=("closed", "open"), progress=False)
+    a = run_experiment(real_gemma64, real_tokenizer, PROMPTS[4:5], engine="lockstep", **kw)
+    b = run_experiment(real_gemma64, real_tokenizer, PROMPTS[4:5], engine="single", **kw)
+    for ra, rb in zip(a["runs"], b["runs"]):
+        assert (ra["method"], ra["order"], ra["tokens"], ra["error"]) == (rb["method"], rb["order"], rb["tokens"], rb["error"])
+        assert ra["ref_tokens"] == rb["ref_tokens"] == _ref(5)["greedy_fp64"][:3].tolist()
+        assert np.allclose(ra["rel_err"], rb["rel_err"], rtol=0, atol=TOL64_MODEL)
+    assert a["summary"]["float64/closed/m6b"]["errors"] == 1
+    assert a["summary"]["float64/closed/m6d"]["agree"] == 3 and a["summary"]["float64/closed/m6d"]["max_rel_err"] <= TOL64_MODEL
+    seq = _ref(5)["seq"]
+    alone = real_gemma64.forward(seq[-1:], positions=[seq.size - 1])[0]
+    assert rel_err(alone, real_gemma64.forward(seq)[-1]) >= CONTROL_MIN
+    with pytest.raises(InputError, match="engine"):
+        run_experiment(real_gemma64, real_tokenizer, PROMPTS[4:5], engine="fast", **kw)
 
 
 @pytest.mark.m6

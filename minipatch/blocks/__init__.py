@@ -6,10 +6,10 @@ and the outer part's witness (M2, a bias, M6a/b/c, or expert down-projections).
 """
 from __future__ import annotations
 
-from .base import (KV, AttnValues, BlockSpec, MLPValues, attention_values, attn_sublayer, block_forward,
-                   layer_patch, layer_shapes, mlp_values)
+from .base import (KV, AttnValues, BlockSpec, MLPValues, attention_values, attention_values_many, attn_sublayer,
+                   block_forward, layer_patch, layer_shapes, mlp_values, own_attention_values)
 from .families import FAMILY_SPECS, spec_for
 
-__all__ = ["BlockSpec", "KV", "AttnValues", "MLPValues", "attention_values", "attn_sublayer", "mlp_values",
-           "block_forward", "layer_patch", "layer_shapes",
+__all__ = ["BlockSpec", "KV", "AttnValues", "MLPValues", "attention_values", "attention_values_many",
+           "own_attention_values", "attn_sublayer", "mlp_values", "block_forward", "layer_patch", "layer_shapes",
            "spec_for", "FAMILY_SPECS"]

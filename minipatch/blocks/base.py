@@ -126,19 +126,58 @@ def attention_values(spec, p, x, cfg, layer, positions, patch=None, index=None, 
     Returns:
       :class:`AttnValues`.
     """
-    xp = namespace(x)
     q, k, v = project_qkv(p, norm(p, "attn_norm", x, cfg) if spec.attn_pre_norm else x,
                           cfg, layer, positions, patch)
+    o = attend(q, k, v, cfg, layer, positions, index, past)
+    o_lin, a = attention_parts(spec, p, o, cfg, patch)
+    return AttnValues(mlp_input(spec, p, x, a, cfg, patch), a, k, v, o_lin)
+
+
+def attend(q, k, v, cfg, layer, positions, index=None, past=None):
+    """The heads' outputs o [T, N, H]: queries q [T, N, H] over the cached keys and values of
+    ``past`` (a :class:`KV` or None) followed by these tokens' own k, v [T, K, H]."""
+    xp = namespace(q)
     if past is None:
         kk, vv, kpos, kidx = k, v, positions, index
     else:
         kk, vv = xp.concat([past.k, k], axis=0), xp.concat([past.v, v], axis=0)
         kpos = xp.concat([past.pos, positions], axis=0)
         kidx = None if index is None else xp.concat([past.idx, index], axis=0)
-    o = causal_attention(q, kk, vv, positions, kpos, cfg.score_scale, cfg.window(layer),
-                         index, kidx, cfg.attn_softcap)
+    return causal_attention(q, kk, vv, positions, kpos, cfg.score_scale, cfg.window(layer),
+                            index, kidx, cfg.attn_softcap)
+
+
+def attention_values_many(spec, p, x, cfg, layer, positions, pasts, indices=None):
+    """:func:`attention_values` for S sequences advanced by one token each: row i of x [S, D]
+    is sequence i's new token at ``positions[i]``, after its cached ``pasts[i]`` (a
+    :class:`KV`). Projections and the output run on all rows at once; the attention itself
+    per sequence (their caches differ in length). ``indices``: [S] sequence indices (Hugging
+    Face's window convention) or None.
+    """
+    xp = namespace(x)
+    q, k, v = project_qkv(p, norm(p, "attn_norm", x, cfg) if spec.attn_pre_norm else x,
+                          cfg, layer, positions)
+    o = xp.concat([attend(q[i:i + 1, ...], k[i:i + 1, ...], v[i:i + 1, ...], cfg, layer, positions[i:i + 1],
+                          None if indices is None else indices[i:i + 1], past)
+                   for i, past in enumerate(pasts)], axis=0)
+    o_lin, a = attention_parts(spec, p, o, cfg)
+    return AttnValues(mlp_input(spec, p, x, a, cfg), a, k, v, o_lin)
+
+
+def own_attention_values(spec, p, x, cfg, patch=None):
+    """The attention sublayer for T tokens of which each sees only itself (a token whose
+    context is all absorbed, M7's ``'all_but_last'``): the softmax over one key is exactly 1,
+    so each head outputs its token's value (query head n reads kv head n // G); positions,
+    queries and keys do not enter. Equal to :func:`attention_values` run on each row alone.
+    Returns:
+      :class:`AttnValues` without keys and values (k, v None).
+    """
+    xp = namespace(x)
+    T, N, K, H = x.shape[0], cfg.n_heads, cfg.n_kv_heads, cfg.d_head
+    v = linear(p, "v_proj", norm(p, "attn_norm", x, cfg) if spec.attn_pre_norm else x, patch)
+    o = xp.reshape(xp.broadcast_to(xp.reshape(v, (T, K, 1, H)), (T, K, N // K, H)), (T, N, H))
     o_lin, a = attention_parts(spec, p, o, cfg, patch)
-    return AttnValues(mlp_input(spec, p, x, a, cfg, patch), a, k, v, o_lin)
+    return AttnValues(mlp_input(spec, p, x, a, cfg, patch), a, None, None, o_lin)
 
 
 def attn_sublayer(spec, p, x, cfg, layer, positions, patch=None, trace=None, index=None):
@@ -240,5 +279,5 @@ def layer_shapes(spec, cfg):
 
 
 __all__ = ["BlockSpec", "AttnValues", "KV", "MLPValues", "project_qkv", "attention_output", "attention_parts",
-           "mlp_input", "attention_values", "attn_sublayer", "mlp_values", "block_forward", "layer_patch", "layer_shapes",
+           "mlp_input", "attention_values", "attend", "attention_values_many", "own_attention_values", "attn_sublayer", "mlp_values", "block_forward", "layer_patch", "layer_shapes",
            "take_rows"]

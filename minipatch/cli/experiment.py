@@ -3,7 +3,7 @@ on the real Gemma 3 270M (:mod:`minipatch.experiment`; MATH.md M6, M7).
 
     python -m minipatch experiment [--n-new 20] [--prompts 1,2] [--json out.json]
         [--figure figures/experiment_generation.png] [--dtypes float32,float64,bfloat16]
-        [--methods m6a,m6c,m6d] [--orders closed,open]
+        [--methods m6a,m6c,m6d] [--orders closed,open] [--engine lockstep|single]
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from ..errors import MinipatchError
-from ..experiment import DTYPES, METHODS, ORDERS, PROMPTS, run_experiment
+from ..experiment import DTYPES, ENGINES, METHODS, ORDERS, PROMPTS, run_experiment
 from ..experiment_report import format_table, plot
 
 
@@ -30,6 +30,9 @@ def add_parser(sub):
     p.add_argument("--json", default=None, help="write the full results here")
     p.add_argument("--figure", default="output/figures/experiment_generation.png",
                    help="figure path ('' for none; the committed one is figures/experiment_generation.png)")
+    p.add_argument("--engine", default="lockstep", choices=ENGINES,
+                   help="lockstep: every run of a dtype advanced together (default); single: each run alone "
+                        "through minipatch.greedy (the same values up to rounding, slower)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run)
     return p
@@ -62,9 +65,9 @@ def run(args):
         print(f"experiment: {e}", file=sys.stderr)
         return 2
     res = run_experiment(model, tok, prompts, n_new=args.n_new, dtypes=dtypes, methods=methods,
-                         progress=not args.no_progress, orders=orders)
+                         progress=not args.no_progress, orders=orders, engine=args.engine)
     print(format_table(res["summary"]))
-    print(f"\n{len(prompts)} prompts x {args.n_new} tokens in {res['seconds']:.0f} s")
+    print(f"\n{len(prompts)} prompts x {args.n_new} tokens, {args.engine} engine, in {res['seconds']:.0f} s")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(res, indent=1))
