@@ -20,10 +20,11 @@ W_down (None for M6a) and the Scale patch of the post-norm multiplier.
 
 Measured on the real Gemma 3 270M (the generation experiment, 5 prompts x 20 tokens, every
 earlier token context; README): with M7 built in closed loop (the default) m6a, m6c and m6d
-all stay at rounding level in float64 (<= 3e-12) and keep every token; m6b has no witness
-(its post-FFW norms have 1 + g = 0 entries). In open loop the scale patch multiplies the
-drift of earlier layers: m6a (scale patch up to 1e8) loses the first token, m6c (2e5)
-reaches 6e-9 in float64, m6d (1e3) stays at 3e-12. M6c minimises the residual the
+all stay at rounding level in float64 (<= 1e-11) and keep every token; m6b has no witness
+(its post-FFW norms have 1 + g = 0 entries). In float32 and bfloat16, m6a's scale patch
+(up to 6e7) makes its tokens depend on the last bits of the arithmetic. In open loop the
+scale patch multiplies the drift of earlier layers: m6a (scale patch up to 3e8) loses the
+first token, m6c (2e5) reaches 1.5e-8 in float64, m6d (1e3) stays at 2e-12. M6c minimises the residual the
 elementwise scale absorbs, not its ratio to the normalised output, which is what rounding
 amplifies; M6d bounds that ratio.
 """
