@@ -9,7 +9,8 @@ See MATH.md labels M1..M8 in the docstrings of ``lemmas``, ``m6``, ``controllabi
 ``absorb``.
 """
 from . import models
-from .absorb import AbsorbResult, Stream, absorb, absorb_prefill, absorb_step, greedy, patched_forward
+from .absorb import AbsorbResult, absorb, patched_forward
+from .decode import Stream, absorb_prefill, absorb_step, greedy
 from .config import ModelConfig
 from .errors import (InputError, MinipatchError, ModelFileError, NotControllableError, ShapeError,
                      UnsupportedArchitectureError)

@@ -1,4 +1,4 @@
-"""The multi-layer algorithm (MATH.md M7), streamed with KV caches, and greedy generation.
+"""The multi-layer algorithm (MATH.md M7), and the block theorem checked on one layer.
 
 M7: run the model with context once, keeping every layer's with-context values X_l^C.
 Then layer by layer, at the kept tokens:
@@ -15,9 +15,8 @@ X_l^C[K] by rounding; the closed loop builds each layer's delta on the drifted s
 it also cancels the drift of the layers before (MATH.md M7, "order of construction").
 Cost: one with-context forward plus one patched pass over the kept tokens.
 
-Streaming (:func:`absorb_prefill`, :func:`absorb_step`): for a growing sequence whose new
-tokens are kept, each new token costs one cached with-context step and one closed-loop
-patched step; the patches of earlier kept tokens never change (causality).
+Streaming the same algorithm with KV caches, and greedy generation, are in
+:mod:`minipatch.decode`.
 """
 from __future__ import annotations
 
@@ -25,14 +24,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .backend import device, to_numpy
+from .backend import device
 from .blocks import attention_values, layer_patch, mlp_values
 from .controllability import check_method, take_rows
-from .errors import InputError, NotControllableError
+from .errors import NotControllableError
 from .finite import check_patch_finite, quiet
-from .model import Cache, fingerprint
-from .patches import Patches, concat_patches
-from .validate import check_choice, check_count, check_tokens, split_context
+from .binding import fingerprint
+from .patches import Patches
+from .validate import check_choice, check_tokens, split_context
 
 ORDERS = ("closed", "open")
 VALUES = ("x", "a", "z", "h", "out")     # the with-context values a layer patch reads
@@ -112,7 +111,7 @@ def patch_layers(model, x, pos, pos_host, ctx_rows, index, cache, method, order,
       x: [T, D] the patched model's input stream at these tokens (the embedding).
       pos, pos_host: their positions (backend and numpy). index: sequence indices or None.
       ctx_rows: per layer, the with-context values (x, a, z, h, out) at these tokens.
-      cache: :class:`~minipatch.model.Cache` of earlier kept tokens in the construction's
+      cache: :class:`~minipatch.cache.Cache` of earlier kept tokens in the construction's
         stream (None: these tokens attend among themselves).
     Returns:
       (construction names, layer patches, per-layer (k, v) of these tokens, final stream
@@ -150,175 +149,6 @@ def patched_forward(model, tokens, res, **kw):
     tok = check_tokens(tokens, model.cfg.vocab_size)
     kw.setdefault("window_by", (res.patches.origin or {}).get("window_by", "position"))
     return model.forward(tok[res.kept], positions=res.kept, patches=res.patches, **kw)
-
-
-# ---- streaming ------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Stream:
-    """State of a streamed absorption (:func:`absorb_prefill`, :func:`absorb_step`).
-
-    Attributes:
-      ctx: the with-context model's :class:`~minipatch.model.Cache` over every token.
-      build: cache of the kept tokens in the construction's stream (None in 'last' mode,
-        where the patched model sees only the newest token).
-      evaluate: cache of the patched model itself (the same object as ``build`` in the
-        closed loop; open loop: the patched model's own, drifted, stream).
-      steps: one :class:`~minipatch.patches.Patches` per absorbed batch of kept tokens.
-      mode: 'fixed' (a fixed context set; new tokens are kept) or 'last' (every earlier
-        token is context, ``context='all_but_last'``).
-      tokens: every token so far. patch_fn: as in :func:`absorb`.
-    """
-
-    ctx: Cache
-    build: object
-    evaluate: object
-    steps: tuple
-    method: str
-    order: str
-    window_by: str
-    mode: str
-    tokens: tuple
-    patch_fn: object = None
-
-    @property
-    def patches(self):
-        """Every kept token's patches so far, as one :class:`Patches` ('fixed' mode)."""
-        return concat_patches(self.steps)
-
-    @property
-    def kept(self):
-        return np.concatenate([np.asarray(s.positions) for s in self.steps])
-
-
-def _ctx_rows(trace, rows=None):
-    out = []
-    for tr in trace["layers"]:
-        out.append({k: (tr[k] if rows is None else take_rows(tr[k], rows)) for k in VALUES})
-    return out
-
-
-def absorb_prefill(model, tokens, context, method="auto", window_by="position", order="closed",
-                   patch_fn=None):
-    """Start a streamed absorption: :func:`absorb` on ``tokens`` that also keeps caches.
-
-    ``context`` is a set of positions (the new tokens of :func:`absorb_step` are kept) or
-    ``'all_but_last'`` (every token but the newest is context at every step).
-
-    Returns:
-      (logits [V] of the patched model at the last kept token, :class:`Stream`).
-    """
-    _check_args(model, method, window_by, order)
-    tok = check_tokens(tokens, model.cfg.vocab_size)
-    mode = "last" if isinstance(context, str) and context == "all_but_last" else "fixed"
-    if mode == "last":
-        ctx, kept = split_context(np.arange(tok.size - 1), tok.size) if tok.size > 1 else (None, np.zeros(1, np.int64))
-    else:
-        ctx, kept = split_context(context, tok.size)
-    trace = {}
-    _, ctx_cache = model.prefill(tok, window_by=window_by, trace=trace, head=False)
-    dev = device(model.params["embed.weight"])
-    K = model.xp.asarray(kept, device=dev)
-    rows = _ctx_rows(trace, K)
-    index = model._index(window_by, 0, kept.size)
-    methods, layers, kvs, x = patch_layers(model, take_rows(trace["embed"], K), K, kept, rows, index,
-                                           None, method, order, patch_fn)
-    patches = Patches(tuple(layers), kept, tuple(methods), _origin(model, window_by, order))
-    build = Cache.empty(model, window_by).extend(kvs, K, kept) if mode == "fixed" else None
-    logits, evaluate = _evaluate(model, tok[kept], kept, patches, x, build, None, order, window_by, mode)
-    st = Stream(ctx_cache, build, evaluate, (patches,), method, order, window_by, mode,
-                tuple(int(t) for t in tok), patch_fn)
-    return logits, st
-
-
-def _evaluate(model, tok, kept, patches, x, build, evaluate, order, window_by, mode):
-    """The patched model's logits at the newest kept token and its cache."""
-    if order == "closed":            # the construction ran the patched model itself
-        from .patches import norm
-
-        xf = norm(model.params, "final_norm", x[-1:, ...], model.cfg)
-        return model.logits(xf)[0, ...], build
-    if mode == "last" or evaluate is None:
-        logits, cache = model.prefill(tok, positions=kept, patches=patches, window_by=window_by)
-        return logits, (cache if mode == "fixed" else None)
-    return model.step(evaluate, tok, position=kept, patches=patches)
-
-
-def absorb_step(model, stream, token):
-    """One more token, kept: its patches from one cached with-context step and one patched
-    step (closed loop) over the earlier kept tokens' cache.
-
-    Returns:
-      (logits [V] of the patched model at the new token, its :class:`Patches`, new :class:`Stream`).
-    """
-    t = check_tokens([token], model.cfg.vocab_size)
-    trace = {}
-    _, ctx_cache = model.step(stream.ctx, t, trace=trace, head=False)
-    position = np.asarray([ctx_cache.last], dtype=np.int64)
-    dev = device(model.params["embed.weight"])
-    P = model.xp.asarray(position, device=dev)
-    rows = _ctx_rows(trace)
-    build = stream.build
-    start = 0 if stream.mode == "last" else build.n
-    index = model._index(stream.window_by, start, 1)
-    methods, layers, kvs, x = patch_layers(model, trace["embed"], P, position, rows, index, build,
-                                           stream.method, stream.order, stream.patch_fn)
-    patches = Patches(tuple(layers), position, tuple(methods), stream.steps[0].origin)
-    if stream.mode == "fixed":
-        build = build.extend(kvs, P, position)
-    logits, evaluate = _evaluate(model, t, position, patches, x, build, stream.evaluate,
-                                 stream.order, stream.window_by, stream.mode)
-    steps = (patches,) if stream.mode == "last" else stream.steps + (patches,)
-    new = Stream(ctx_cache, build, evaluate, steps, stream.method, stream.order, stream.window_by,
-                 stream.mode, stream.tokens + (int(t[0]),), stream.patch_fn)
-    return logits, patches, new
-
-
-# ---- greedy decoding ------------------------------------------------------------------------
-
-def greedy(model, tokens, n_new, context=None, method="auto", callback=None, window_by="position",
-           patch_fn=None, order="closed"):
-    """Greedy decoding, with context (``context=None``) or with it absorbed into patches.
-
-    Every path is KV-cached: ``context=None`` prefills once and then steps; with a fixed
-    list of ``context`` positions the patched model runs on the kept tokens only and each
-    new token is absorbed by :func:`absorb_step`; ``'all_but_last'`` makes every earlier
-    token context, so the patched model sees only the current token at its absolute
-    position (the experiment of Goldwaser et al. 2025, section 4). Each new token costs
-    one cached step (two with context absorbed).
-
-    ``patch_fn`` (optional) maps each layer patch dict to the one actually applied, e.g.
-    rounded to bfloat16 (``minipatch.experiment.round_layer``); in the closed loop the
-    next layer's patch is built on the stream the rounded patch gives.
-
-    Returns:
-      (new token ids int64 [n_new], last-position logits of every step as numpy [n_new, V]).
-    """
-    n_new = check_count(n_new, "n_new")
-    tok = check_tokens(tokens, model.cfg.vocab_size)
-    if context is not None:
-        _check_args(model, method, window_by, order)
-    if n_new == 0:
-        return np.zeros(0, np.int64), np.zeros((0, model.cfg.vocab_size), dtype=np.dtype(str(model.dtype)))
-    if context is None:
-        logits, state = model.prefill(tok, window_by=window_by)
-        advance = (lambda s, t: model.step(s, t))
-    else:
-        if isinstance(context, str) and context != "all_but_last":
-            raise InputError(f"context must be positions or 'all_but_last', got {context!r}")
-        logits, state = absorb_prefill(model, tok, context, method, window_by, order, patch_fn)
-        advance = (lambda s, t: absorb_step(model, s, t)[::2])
-    out, rows = [], []
-    for step in range(n_new):
-        row = to_numpy(logits)
-        nxt = int(np.argmax(row))
-        rows.append(np.asarray(row))
-        out.append(nxt)
-        if callback is not None:
-            callback(step, nxt)
-        if step + 1 < n_new:
-            logits, state = advance(state, nxt)
-    return np.asarray(out, dtype=np.int64), np.stack(rows)
 
 
 @dataclass(frozen=True)

@@ -215,7 +215,7 @@ def _one_layer(model, cal, noctx, cref, n, cfg, ref, held0, held_streams):
 
 
 def _digest(model, cfg, task, seed):
-    from .model import fingerprint
+    from .binding import fingerprint
 
     key = json.dumps([fingerprint(model), asdict(cfg), task, seed, VERSION], sort_keys=True, default=str)
     return hashlib.sha256(key.encode()).hexdigest()[:16]

@@ -18,7 +18,7 @@ whose logits are still computed from identical prefixes):
 The reference run is computed once per prompt and dtype and shared by the methods. By
 default every run of a dtype is advanced together (:mod:`minipatch.lockstep`: one batched
 with-context step for all sequences, every run's patched token through each layer at once);
-``engine='single'`` runs each alone through :func:`~minipatch.absorb.greedy`. Both compute
+``engine='single'`` runs each alone through :func:`~minipatch.decode.greedy`. Both compute
 the same values; they differ by rounding only (matmuls of other shapes), which is what
 separates the runs of an ill-conditioned construction (M6a in float32 and bfloat16). The
 Markdown table (``format_table``) and the figure (``plot``) are in
@@ -46,7 +46,7 @@ import time
 
 import numpy as np
 
-from .absorb import greedy
+from .decode import greedy
 from .backend import to_numpy
 from .errors import InputError, MinipatchError
 from .lockstep import Run, lockstep_greedy, scale_sizes
@@ -117,7 +117,7 @@ def model_for(model64, dtype):
 # ---- the two runs ----------------------------------------------------------------------------
 
 class ScaleWatch:
-    """A ``patch_fn`` for :func:`~minipatch.absorb.greedy`: passes each layer patch through
+    """A ``patch_fn`` for :func:`~minipatch.decode.greedy`: passes each layer patch through
     ``round_fn`` (None: unchanged) and records the largest |scale patch| seen
     (:func:`~minipatch.lockstep.scale_sizes`)."""
 
@@ -211,7 +211,7 @@ def run_experiment(model64, tokenizer, prompts, n_new=20, dtypes=DTYPES, methods
       orders: M7's order of construction, 'closed' and/or 'open' (MATH.md M7).
       engine: 'lockstep' (every run of a dtype advanced together,
         :func:`~minipatch.lockstep.lockstep_greedy`) or 'single' (each run alone through
-        :func:`~minipatch.absorb.greedy`, the path users call). The two compute the same
+        :func:`~minipatch.decode.greedy`, the path users call). The two compute the same
         thing with different matmul shapes, so they differ by rounding only.
     Returns:
       dict: ``runs`` (one entry per prompt x dtype x method, see :func:`compare`, plus the
@@ -255,7 +255,7 @@ def run_experiment(model64, tokenizer, prompts, n_new=20, dtypes=DTYPES, methods
 
 def _single_runs(model, toks, n_new, methods, orders, round_fn, tick):
     """What :func:`~minipatch.lockstep.lockstep_greedy` returns, one run at a time through
-    :func:`~minipatch.absorb.greedy` (the 'single' engine)."""
+    :func:`~minipatch.decode.greedy` (the 'single' engine)."""
     refs, runs = [], []
     for k, tok in enumerate(toks):
         ids, rows = greedy(model, tok, n_new)

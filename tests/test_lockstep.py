@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from helpers import CONTROL_MIN, TOL32, TOL64_BLOCK, TOL64_MODEL, rel_err
-from minipatch.absorb import greedy
+from minipatch.decode import greedy
 from minipatch.blocks import attention_values, own_attention_values
 from minipatch.config import FAMILIES
 from minipatch.errors import MinipatchError

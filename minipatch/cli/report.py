@@ -17,7 +17,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from .. import models
-from ..absorb import absorb, check_block, greedy, patched_forward
+from ..absorb import absorb, check_block, patched_forward
+from ..decode import greedy
 from ..backend import to_numpy
 from ..lemmas import m1, m2
 from ..patches import Rank1
