@@ -213,3 +213,75 @@ def test_readme_course_table_counts():
         assert quoted == f"{public} / {everything - public}", (name, quoted)
     said = re.search(r"each of (\d+)\s+plausible wrong implementations", readme)
     assert said and int(said[1]) == len(MUTANTS)
+
+
+# ---- the notebook version (assignment --notebook) ----------------------------------------------
+
+def fill_cells(notebook, name, wrong=None):
+    """The notebook with every function cell solved by the solution key (or, for ``wrong``, by a
+    body that returns garbage), as a student would fill it in."""
+    nb = json.loads(notebook.read_text())
+    for cell in nb["cells"]:
+        src = "".join(cell["source"])
+        for fn in UNITS[name].functions:
+            if cell["cell_type"] == "code" and src.startswith(f"def {fn}("):
+                body = ("    return None\n" if fn == wrong else
+                        f"    args = dict(locals())\n    from minipatch.course.reference import {fn} as key\n"
+                        "    return key(**args)\n")
+                head = src.split('"""')[0] + '"""' + src.split('"""')[1] + '"""\n'
+                cell["source"] = (head + body).splitlines(keepends=True)
+    notebook.write_text(json.dumps(nb))
+
+
+@pytest.mark.parametrize("name", list(UNITS))
+def test_notebook_assignment_grades_like_the_module(name, tmp_path):
+    """--notebook: the functions are cells of <unit>.ipynb. Stubs get zero with messages that
+    name the cell; the solved notebook gets full marks from the grader and the public tests."""
+    write_assignment(name, tmp_path, notebook=True)
+    u = UNITS[name]
+    nbfile = tmp_path / Path(u.module).with_suffix(".ipynb").name
+    nb = json.loads(nbfile.read_text())
+    kinds = [c["cell_type"] for c in nb["cells"]]
+    assert nb["nbformat"] == 4 and kinds[0] == "markdown" and kinds.count("code") == len(u.functions) + 2
+    assert json.loads((tmp_path / "assignment.json").read_text())["module"] == nbfile.name
+    results = run_checks(name, load_impl(nbfile, name), hidden=False)
+    assert results and not any(r["passed"] for r in results)
+    assert all(f"{nbfile.name} cell " in r["output"] for r in results), results[0]["output"]
+    fill_cells(nbfile, name)
+    assert full(run_checks(name, load_impl(nbfile, name), hidden=True))
+
+
+def test_notebook_last_cell_checks_the_kernel_functions(tmp_path, capsys):
+    """Run as a kernel would (``__name__ == '__main__'``), the last cell prints a line per
+    public check and the total; the grader, importing the notebook, never runs it."""
+    from minipatch.course.adapt import notebook_cells
+
+    assert cli("assignment", "m1m2", "--out", tmp_path, "--notebook").returncode == 0
+    nbfile = tmp_path / "m1m2.ipynb"
+    assert not (tmp_path / "m1m2.py").exists()
+    fill_cells(nbfile, "m1m2", wrong="m2")
+    ns = {"__name__": "__main__"}
+    for _, src in notebook_cells(nbfile):
+        exec(compile(src, "cell", "exec"), ns)
+    out = capsys.readouterr().out
+    n = len(checks_for(("m1m2",)))
+    passed = out.count("\nPASS  ") + out.startswith("PASS  ")
+    assert f"{passed}/{n} checks passed" in out and 0 < passed < n
+    assert "FAIL  m1m2.exact64.m2_identity" in out and "PASS  m1m2.exact64.m1_identity" in out
+    report = json.loads(cli("grade", tmp_path, "--json").stdout)              # the grader's child process
+    assert 0 < report["score"] < report["extra_data"]["max_score"]
+
+
+def test_notebook_magics_and_bad_notebooks(tmp_path):
+    from minipatch.course.adapt import load_module
+
+    nb = {"cells": [{"cell_type": "code", "source": ["%timeit 1\n", "!ls\n", "x = 2\n"]},
+                    {"cell_type": "markdown", "source": "not code"}], "nbformat": 4, "nbformat_minor": 5, "metadata": {}}
+    (tmp_path / "a.ipynb").write_text(json.dumps(nb))
+    assert load_module(tmp_path / "a.ipynb").x == 2                            # magics are comments
+    (tmp_path / "b.ipynb").write_text("{not json")
+    with pytest.raises(ImportError, match="not a readable notebook"):
+        load_module(tmp_path / "b.ipynb")
+    (tmp_path / "c.ipynb").write_text(json.dumps({"cells": "nope"}))
+    with pytest.raises(ImportError, match="not a notebook"):
+        load_module(tmp_path / "c.ipynb")

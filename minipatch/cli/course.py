@@ -12,7 +12,7 @@ def assignment_main(args):
     from ..course.assignment import write_assignment
 
     try:
-        paths = write_assignment(args.unit, args.out, args.force)
+        paths = write_assignment(args.unit, args.out, args.force, args.notebook)
     except InputError as e:
         print(f"assignment: {e}", file=sys.stderr)
         return 2
@@ -58,6 +58,8 @@ def add_parsers(sub):
     a.add_argument("unit", choices=list(UNITS))
     a.add_argument("--out", required=True, help="the folder to write")
     a.add_argument("--force", action="store_true", help="overwrite existing files")
+    a.add_argument("--notebook", action="store_true",
+                   help="the functions as cells of a Jupyter notebook (<unit>.ipynb) instead of a module")
     a.set_defaults(func=assignment_main)
     g = sub.add_parser("grade", help="grade submission folders: scores per check and group")
     g.add_argument("dirs", nargs="+", metavar="DIR", help="submission folder(s)")

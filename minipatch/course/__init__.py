@@ -1,6 +1,7 @@
 """The course kit: every theorem an assignment (units, stubs, conformance checks, grader).
 
     python -m minipatch assignment m6 --out hw6        # a student folder
+    python -m minipatch assignment m6 --out hw6 --notebook   # its functions as notebook cells
     python -m minipatch grade hw6 --hidden --json      # scores, Gradescope results.json shape
 
 :mod:`~minipatch.course.units` lists the units and the functions a student writes;

@@ -1,8 +1,8 @@
 """Connecting an implementation to the checks: loading it, reading its return values, and
 injecting it into the spine.
 
-- :func:`load_module`: a student's module imported from its path (nothing else of the
-  folder is imported or executed; no bytecode is written there).
+- :func:`load_module`: a student's module (or notebook) imported from its path (nothing else
+  of the folder is imported or executed; no bytecode is written there).
 - :class:`Impl`: the unit's functions of a module (a missing one raises
   :class:`MissingFunction` when called). :func:`reference_impl`: the solution key.
 - :func:`as_rank1`, :func:`as_m6`, ...: the accepted return conventions, turned into the
@@ -13,9 +13,12 @@ injecting it into the spine.
 """
 from __future__ import annotations
 
+import __future__
 import contextlib
 import importlib.util
+import json
 import sys
+import types
 from pathlib import Path
 
 import numpy as np
@@ -158,11 +161,45 @@ def reference_impl(unit_name):
     return Impl({n: getattr(reference, n) for n in u.functions}, "reference")
 
 
+def notebook_cells(path):
+    """The code cells of a Jupyter notebook file as (cell number, counting every cell from 1,
+    source text): the JSON is read, nothing is run. IPython magics and shell lines (``%...``,
+    ``!...``) become comments."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise ImportError(f"{Path(path).name} is not a readable notebook: {e}") from None
+    cells = data.get("cells") if isinstance(data, dict) else None
+    if not isinstance(cells, list):
+        raise ImportError(f"{Path(path).name} is not a notebook (no list of cells)")
+    out = []
+    for k, c in enumerate(cells, 1):
+        if isinstance(c, dict) and c.get("cell_type") == "code":
+            src = c.get("source", "")
+            src = "".join(map(str, src)) if isinstance(src, list) else str(src)
+            out.append((k, "\n".join("# " + ln if ln.lstrip().startswith(("%", "!")) else ln
+                                      for ln in src.splitlines())))
+    return out
+
+
 def load_module(path, name=None):
     """Import one Python file by path, without adding its folder to ``sys.path`` and without
-    writing bytecode next to it. Its own imports resolve as usual (numpy, minipatch)."""
+    writing bytecode next to it. Its own imports resolve as usual (numpy, minipatch).
+
+    A notebook (``.ipynb``) is imported as the module its code cells make, run in order, each
+    compiled under the name ``'<file> cell <k>'`` (so errors name the cell). A cell guarded by
+    ``if __name__ == "__main__":`` runs in the notebook's kernel but not here.
+    """
     path = Path(path).resolve()
     name = name or f"_minipatch_submission_{abs(hash(str(path)))}"
+    if path.suffix == ".ipynb":
+        mod = types.ModuleType(name)
+        mod.__file__ = str(path)
+        sys.modules[name] = mod
+        flags = __future__.annotations.compiler_flag
+        for k, src in notebook_cells(path):
+            exec(compile(src, f"{path.name} cell {k}", "exec", flags=flags, dont_inherit=True), mod.__dict__)
+        return mod
     spec = importlib.util.spec_from_file_location(name, path)
     if spec is None or spec.loader is None:
         raise ImportError(f"cannot import {path}")

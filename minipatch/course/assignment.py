@@ -2,6 +2,8 @@
 
 DIR/<unit>.py        the functions to write: signature, docstring (formula, MATH.md label), a
                      ``raise NotImplementedError`` body (from :mod:`minipatch.course.reference`)
+                     (with ``--notebook``: DIR/<unit>.ipynb, the task statement and one cell per
+                     function, then a cell that runs the public checks)
 DIR/adapters.py      the one file that connects that module to the tests (the CS336 pattern)
 DIR/test_<unit>.py   the public conformance checks (``python -m pytest -q`` in DIR)
 DIR/README.md        the task statement: what to implement, the MATH.md excerpt, how to test
@@ -93,22 +95,54 @@ def excerpt(text, labels, sections):
     return "\n".join("\n".join([blocks[i][0]] + blocks[i][1]) for i in sorted(keep)).strip()
 
 
-def stub_source(u):
-    """The student's module: every function of the unit with its body a NotImplementedError."""
+def _stub_parts(u):
+    """(the module's head: docstring and imports, [one stub per function])."""
     key = u.parent or u.name
     conv = reference.__doc__.split("Conventions of every unit:")[1].strip()
-    lines = [f'"""Unit {u.name}: {u.title}.', "", "Write the functions below; see README.md. " + conv[0].upper() + conv[1:], '"""',
-             "from __future__ import annotations", ""] + IMPORTS[key]
+    head = [f'"""Unit {u.name}: {u.title}.', "", "Write the functions below; see README.md. " + conv[0].upper() + conv[1:],
+            '"""', "from __future__ import annotations", ""] + IMPORTS[key]
+    stubs = []
     for name in u.functions:
         fn = getattr(reference, name)
         doc = inspect.getdoc(fn)
         body = "\n".join("    " + ln if ln else "" for ln in doc.splitlines())
-        lines += ["", "", f"def {name}{inspect.signature(fn)}:", f'    """{body.lstrip()}', '    """',
-                  f'    raise NotImplementedError("{name}")']
-    return "\n".join(lines) + "\n"
+        stubs.append("\n".join([f"def {name}{inspect.signature(fn)}:", f'    """{body.lstrip()}', '    """',
+                                f'    raise NotImplementedError("{name}")']))
+    return "\n".join(head), stubs
 
 
-def adapters_source(u):
+def stub_source(u):
+    """The student's module: every function of the unit with its body a NotImplementedError."""
+    head, stubs = _stub_parts(u)
+    return head + "\n" + "".join("\n\n" + f for f in stubs) + "\n"
+
+
+def notebook_source(u):
+    """The student's notebook (nbformat 4 JSON): the task statement, the imports, one cell per
+    function to fill in (the stubs of :func:`stub_source`, solution cells blanked), and a last
+    cell that runs the public checks on the kernel's functions. The grader reads the code
+    cells as the module (:func:`minipatch.course.adapt.load_module`), without the last cell."""
+    head, stubs = _stub_parts(u)
+    check = ('if __name__ == "__main__":      # in the notebook: the public checks on the functions above\n'
+             "    from minipatch.course.runner import check_here\n\n"
+             f"    results = check_here({u.name!r}, globals())")
+    cells = ([("markdown", readme_source(u, notebook=True)), ("code", head)] + [("code", f) for f in stubs]
+             + [("markdown", "## Check\nThe public checks, on the functions as they are in this kernel (run the "
+                             "cells above first). The grader runs these and the hidden ones on the saved notebook."),
+                ("code", check)])
+    nb = {"cells": [], "nbformat": 4, "nbformat_minor": 5,
+          "metadata": {"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"},
+                       "language_info": {"name": "python"}}}
+    for i, (kind, text) in enumerate(cells):
+        cell = {"cell_type": kind, "id": f"cell-{i}", "metadata": {}, "source": text.splitlines(keepends=True)}
+        if kind == "code":
+            cell.update(execution_count=None, outputs=[])
+        nb["cells"].append(cell)
+    return json.dumps(nb, indent=1) + "\n"
+
+
+def adapters_source(u, module=None):
+    module = module or u.module
     fns = "\n".join(f'''
 
 def run_{n}{inspect.signature(getattr(reference, n))}:
@@ -116,14 +150,14 @@ def run_{n}{inspect.signature(getattr(reference, n))}:
     return f'''"""Adapters: the one place that connects your code to the tests (the CS336 pattern).
 
 The public tests call only ``implementation()``, whose functions are the run_* below. The
-grader imports {u.module} by path and calls its functions by these names directly (it runs
-nothing but that file), so keep the names and signatures of {u.module} as given.
+grader imports {module} by path and calls its functions by these names directly (it runs
+nothing but that file), so keep the names and signatures of {module} as given.
 """
 from pathlib import Path
 
 from minipatch.course.adapt import Impl, load_module
 
-MODULE = Path(__file__).with_name("{u.module}")
+MODULE = Path(__file__).with_name("{module}")
 
 
 _loaded = []
@@ -164,7 +198,7 @@ def test_public(check):
 '''
 
 
-def readme_source(u):
+def readme_source(u, notebook=False):
     pub, hid = checks_for(u.members), checks_for(u.members, hidden=True)
     key = u.name if u.name in EXCERPTS else u.parent
     text = math_md()
@@ -186,6 +220,8 @@ def readme_source(u):
         "    python -m pytest -q                          # the public checks, in this folder",
         "    python -m minipatch grade .                  # the grader's report on the public checks",
         "",
+        *([f"In `{_notebook_name(u)}` the last cell runs the public checks on the functions as they are in "
+           "the kernel; the tests and the grader read the saved notebook's code cells.", ""] if notebook else []),
         f"{len(pub)} public checks here, {len(hid) - len(pub)} more hidden (other seeds, shapes, float32, "
         "the degenerate cases of MATH.md section 7). Groups:", "",
         *[f"- **{g}**: {GROUP_TITLES[g]}" for g in groups], "",
@@ -196,13 +232,19 @@ def readme_source(u):
         f"`{u.module}`, the grader calls them directly); `assignment.json` tells the grader the unit.", ""])
 
 
-def write_assignment(unit_name, out, force=False):
-    """Write the student folder for ``unit_name`` into ``out``; returns the paths written."""
+def _notebook_name(u):
+    return Path(u.module).with_suffix(".ipynb").name
+
+
+def write_assignment(unit_name, out, force=False, notebook=False):
+    """Write the student folder for ``unit_name`` into ``out``; returns the paths written.
+    ``notebook=True``: the functions to write are cells of ``<unit>.ipynb`` instead of ``<unit>.py``."""
     u = get_unit(unit_name)
     out = Path(out)
-    files = {u.module: stub_source(u), "adapters.py": adapters_source(u), f"test_{u.name}.py": tests_source(u),
-             "README.md": readme_source(u),
-             "assignment.json": json.dumps({"unit": u.name, "module": u.module, "functions": list(u.functions),
+    module = _notebook_name(u) if notebook else u.module
+    files = {module: notebook_source(u) if notebook else stub_source(u), "adapters.py": adapters_source(u, module),
+             f"test_{u.name}.py": tests_source(u), "README.md": readme_source(u, notebook),
+             "assignment.json": json.dumps({"unit": u.name, "module": module, "functions": list(u.functions),
                                             "minipatch": __version__}, indent=1) + "\n"}
     clash = [n for n in files if (out / n).exists()]
     if clash and not force:
@@ -213,5 +255,5 @@ def write_assignment(unit_name, out, force=False):
     return [out / n for n in files]
 
 
-__all__ = ["write_assignment", "stub_source", "adapters_source", "tests_source", "readme_source", "excerpt",
+__all__ = ["write_assignment", "stub_source", "notebook_source", "adapters_source", "tests_source", "readme_source", "excerpt",
            "math_md"]

@@ -1,6 +1,7 @@
 """Run one unit's checks on one implementation and record a result per check.
 
-In-process (:func:`run_checks`, used by the kit's own tests) or as the grader's child process:
+In-process (:func:`run_checks`, used by the kit's own tests; :func:`check_here`, the last cell
+of a notebook assignment) or as the grader's child process:
 
     python -m minipatch.course.runner MODULE.py UNIT RESULTS.json [--hidden] [--check-timeout S]
 
@@ -18,6 +19,7 @@ import time
 import traceback
 import warnings
 from pathlib import Path
+from types import SimpleNamespace
 
 from .adapt import MissingFunction, ReturnValueError, impl_of, load_module
 from .checks import HarnessError, checks_for
@@ -52,11 +54,12 @@ def time_limit(seconds):
 
 def _where(exc, source):
     """' (m1m2.py line 12, in m1)' for the innermost frame in the submission, if any."""
-    frames = [f for f in traceback.extract_tb(exc.__traceback__) if Path(f.filename).name == source]
+    frames = [f for f in traceback.extract_tb(exc.__traceback__)
+              if Path(f.filename).name == source or f.filename.startswith(source + " cell ")]   # notebooks
     if not frames:
         return "", None
     f = frames[-1]
-    return f" ({source} line {f.lineno}, in {f.name})", f.name
+    return f" ({Path(f.filename).name} line {f.lineno}, in {f.name})", f.name
 
 
 def outcome(check, impl, timeout=None):
@@ -72,6 +75,7 @@ def outcome(check, impl, timeout=None):
         return False, f"kit error, not yours: {e}"
     except NotImplementedError as e:
         where, fn = _where(e, impl.source)
+        fn = fn or next((a for a in e.args if a in impl.names), None)    # the stubs raise NotImplementedError(name)
         return False, f"{fn or 'a function'} is not implemented yet (raises NotImplementedError){where}"
     except (MissingFunction, ReturnValueError) as e:
         return False, str(e)
@@ -98,6 +102,18 @@ def run_checks(unit_name, impl, hidden=False, timeout=None):
         ok, msg = outcome(c, impl, timeout)
         out.append(record(c, ok, msg, time.perf_counter() - t0))
     return out
+
+
+def check_here(unit_name, namespace, hidden=False):
+    """The unit's checks on the functions defined in ``namespace`` (a notebook's ``globals()``),
+    each printed as PASS or FAIL with its message, then the total. Returns the results."""
+    u = get_unit(unit_name)
+    impl = impl_of(SimpleNamespace(**{n: namespace.get(n) for n in u.functions}), u.functions, "this notebook")
+    results = run_checks(unit_name, impl, hidden)
+    for r in results:
+        print(f"{'PASS' if r['passed'] else 'FAIL'}  {r['id']}" + ("" if r["passed"] else f": {r['output']}"))
+    print(f"{sum(r['passed'] for r in results)}/{len(results)} checks passed")
+    return results
 
 
 def failed_all(unit_name, hidden, message):
