@@ -224,8 +224,8 @@ def _patched_rows(model, alive, memo, patch_fn):
     xf = norm(model.params, "final_norm", stream, cfg)
     while not all_finite(xf):
         bad = first_row(xf)
-        pos = ctx[keep[bad]]["position"]
-        alive[keep[bad]].error = (f"NonFiniteError: {NonFiniteError('final norm output', position=pos, hint='check final_norm.weight')}")
+        err = NonFiniteError("final norm output", position=ctx[keep[bad]]["position"], hint="check final_norm.weight")
+        alive[keep[bad]].error = f"{type(err).__name__}: {err}"
         rest = [j for j in range(len(keep)) if j != bad]
         keep = [keep[j] for j in rest]
         if not keep:

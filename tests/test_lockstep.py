@@ -158,7 +158,8 @@ def test_lockstep_float32_exact_and_negative_control():
 
 def test_stack_patches_fills_exact_no_ops():
     rng = np.random.default_rng(0)
-    a = {"w": Rank1(rng.standard_normal((2, 3)), rng.standard_normal((2, 4))), "s": Scale(add=rng.standard_normal((2, 3)))}
+    a = {"w": Rank1(rng.standard_normal((2, 3)), rng.standard_normal((2, 4))),
+         "s": Scale(add=rng.standard_normal((2, 3)))}
     b = {"s": Scale(mul=rng.standard_normal((1, 1)))}
     st = stack_patches([a, b])
     x = rng.standard_normal((3, 4))

@@ -99,7 +99,8 @@ def _stub_parts(u):
     """(the module's head: docstring and imports, [one stub per function])."""
     key = u.parent or u.name
     conv = reference.__doc__.split("Conventions of every unit:")[1].strip()
-    head = [f'"""Unit {u.name}: {u.title}.', "", "Write the functions below; see README.md. " + conv[0].upper() + conv[1:],
+    head = [f'"""Unit {u.name}: {u.title}.', "",
+            "Write the functions below; see README.md. " + conv[0].upper() + conv[1:],
             '"""', "from __future__ import annotations", ""] + IMPORTS[key]
     stubs = []
     for name in u.functions:
@@ -255,5 +256,5 @@ def write_assignment(unit_name, out, force=False, notebook=False):
     return [out / n for n in files]
 
 
-__all__ = ["write_assignment", "stub_source", "notebook_source", "adapters_source", "tests_source", "readme_source", "excerpt",
-           "math_md"]
+__all__ = ["write_assignment", "stub_source", "notebook_source", "adapters_source", "tests_source", "readme_source",
+           "excerpt", "math_md"]
