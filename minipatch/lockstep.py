@@ -13,7 +13,9 @@ together with the with-context greedy run it is compared with, at a fraction of 
   either way), so the rows of every run go through each layer together: one matmul per
   weight instead of one per run, each row with its own token-dependent patch (a rank-1
   patch with R rows is R rank-1 patches; rows of different constructions are stacked by
-  :func:`~minipatch.patches.stack_patches`);
+  :func:`~minipatch.patches.stack_patches`). The theorem (M8) runs row-group-wise: the
+  inner witness (M1), the same for every construction, once for all rows; the outer witness
+  once per construction;
 - runs whose tokens agree so far share the with-context step (a cached step of the
   sequence they share), and the reference run is that same step with the LM head.
 
@@ -22,17 +24,18 @@ would raise alone; the others go on.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from .backend import device, namespace, to_numpy
-from .blocks import attention_values_many, layer_patch, mlp_values, own_attention_values
+from .blocks import attention_values_many, mlp_values, own_attention_values, theorem_inputs
 from .absorb import ORDERS
 from .controllability import check_method, take_rows
 from .errors import InputError, MinipatchError, NonFiniteError, NotControllableError
 from .finite import all_finite, check_patch_finite, check_values, first_row, quiet
-from .patches import Scale, norm, stack_patches
+from .patches import Scale, norm, stack_patches, take_layer_rows
 from .validate import check_choice, check_count, check_tokens
 
 VALUES = ("x", "a", "z", "h", "out")     # the with-context values a layer patch reads
@@ -260,17 +263,20 @@ def _layer(model, l, runs, ctx, stream, patch_fn):
     groups = {}
     for i, r in enumerate(runs):
         groups.setdefault(r.method if r.method != "auto" else ("auto", i), []).append(i)
+    # the theorem (M8) row-group-wise: the inner witness (M1, the same for every construction)
+    # once for all rows, the outer witness per construction on its rows
+    z, z_ctx, h, delta = theorem_inputs(spec, lp, cfg, {"x": build, "a": at.a[:R], "z": at.z[:R]}, ctx_l)
+    with _failing_row(l, pos, list(range(R))):
+        inner = {} if z_ctx is None else spec.inner.witness(lp, z, z_ctx, cfg)
     sizes, parts, order = np.zeros(R), [], []
     for key, rows in groups.items():
         g = xp.asarray(rows, device=dev)
-        method = key if isinstance(key, str) else "auto"
-        noctx = {"x": take_rows(build, g), "a": take_rows(at.a, g), "z": take_rows(at.z, g)}
-        try:
-            _, patch = layer_patch(spec, lp, cfg, noctx, {k: take_rows(v, g) for k, v in ctx_l.items()}, method)
-        except NotControllableError as e:
-            row = rows[e.position] if e.position is not None else rows[0]
-            raise _RowFailed(row, NotControllableError(e.quantity, e.value, layer=l, position=int(pos[row]),
-                                                       hint=e.hint)) from e
+        patch = take_layer_rows(inner, rows)
+        if delta is not None:
+            with _failing_row(l, pos, rows):
+                _, out = spec.outer.witness(lp, take_rows(h, g), take_rows(delta, g), cfg,
+                                            key if isinstance(key, str) else "auto")
+            patch.update(out)
         sizes[rows] = scale_sizes(patch, len(rows))       # as built, before patch_fn
         if patch_fn is not None:
             patch = patch_fn(patch)
@@ -295,6 +301,18 @@ def _layer(model, l, runs, ctx, stream, patch_fn):
     inverse = np.empty(R, np.int64)
     inverse[np.asarray(order)] = np.arange(R)
     return take_rows(ml.out, xp.asarray(inverse, device=dev)), sizes
+
+
+@contextmanager
+def _failing_row(layer, pos, rows):
+    """A NotControllableError of the witness run on ``rows`` as the _RowFailed of that row,
+    named as the run alone would name it (layer, the token's position)."""
+    try:
+        yield
+    except NotControllableError as e:
+        row = rows[e.position] if e.position is not None else rows[0]
+        raise _RowFailed(row, NotControllableError(e.quantity, e.value, layer=layer, position=int(pos[row]),
+                                                   hint=e.hint)) from e
 
 
 def scale_sizes(patch, n):

@@ -183,12 +183,7 @@ class Patches:
 
     def take(self, rows):
         """The patches of a subset of kept tokens (``rows`` index into ``positions``)."""
-        def sub(p):
-            xp = namespace(*(a for a in vars(p).values() if a is not None))
-            idx = xp.asarray(rows, device=_device_of(p))
-            return type(p)(*[None if a is None else xp.take(a, idx, axis=0) for a in vars(p).values()])
-
-        return Patches(tuple({k: sub(p) for k, p in lp.items()} for lp in self.layers),
+        return Patches(tuple(take_layer_rows(lp, rows) for lp in self.layers),
                        np.asarray(self.positions)[np.asarray(rows)], self.methods, self.origin)
 
     def norms(self):
@@ -229,6 +224,16 @@ def concat_patches(parts):
                    for l in range(len(parts[0].layers)))
     return Patches(layers, np.concatenate([np.asarray(p.positions) for p in parts]), parts[0].methods,
                    parts[0].origin)
+
+
+def take_layer_rows(layer_patch, rows):
+    """One layer patch (dict name -> Rank1 | Dense | Shift | Scale) at a subset of its token rows."""
+    def sub(p):
+        xp = namespace(*(a for a in vars(p).values() if a is not None))
+        idx = xp.asarray(rows, device=_device_of(p))
+        return type(p)(*[None if a is None else xp.take(a, idx, axis=0) for a in vars(p).values()])
+
+    return {k: sub(p) for k, p in layer_patch.items()}
 
 
 def stack_patches(parts):

@@ -166,7 +166,7 @@ BASELINE = (828, 9)          # the uncached per-run experiment the issue measure
     (r"while M6d's stays near ([0-9.e+-]+),", lambda s: s["float64/open/m6d"]["largest_scale"]),
     (r"The full run takes ([0-9]+) s on 2", lambda s: round(SECONDS)),
     (r"speed-up \(([0-9]+)x in wall time", lambda s: round(BASELINE[0] / SECONDS)),
-    (r"in wall time, ([0-9]+)x per configuration\)", lambda s: round(BASELINE[0] / BASELINE[1] / (SECONDS / 24))),
+    (r"in wall time, ([0-9]+)x per configuration;", lambda s: round(BASELINE[0] / BASELINE[1] / (SECONDS / 24))),
 ])
 def test_experiment_prose_quotes_the_results(pattern, value):
     said = re.search(pattern, README)

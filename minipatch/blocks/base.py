@@ -239,11 +239,18 @@ def layer_patch(spec, p, cfg, noctx, ctx, method="auto"):
       method: the outer construction, one of ``spec.outer.methods(cfg)``.
     Returns:
       (construction name, layer patch dict).
+    """
+    return m8(spec.inner, spec.outer, p, cfg, *theorem_inputs(spec, p, cfg, noctx, ctx), method)
+
+
+def theorem_inputs(spec, p, cfg, noctx, ctx):
+    """What the general theorem (M8) reads at the kept tokens, by layout: (z, z_ctx, h_ctx,
+    delta), the arguments of :func:`~minipatch.controllability.m8` after the parameters.
 
     Sequential and post-norm layouts: the inner witness maps z to z^C, the outer one adds
-    delta = z^C - z. Parallel: the MLP reads x, not the context; the outer witness adds
-    delta = out^C - (x + a + g(f(x))) at h = f(x) (= Attn^C - Attn when x = x^C).
-    No-skip (M3): matching the hidden is enough.
+    delta = z^C - z. Parallel: the MLP reads x, not the context (z_ctx None: no inner patch);
+    the outer witness adds delta = out^C - (x + a + g(f(x))) at h = f(x) (= Attn^C - Attn
+    when x = x^C). No-skip (M3): matching the hidden is enough (delta None).
     """
     if spec.layout == "parallel":
         x = noctx["x"]
@@ -252,10 +259,10 @@ def layer_patch(spec, p, cfg, noctx, ctx, method="auto"):
             delta = ctx["out"] - (x + noctx["a"] + spec.outer.forward(p, h, cfg))
         else:
             h, delta = ctx["h"], ctx["a"] - noctx["a"]
-        return m8(spec.inner, spec.outer, p, cfg, x, None, h, delta, method)
+        return x, None, h, delta
     if spec.layout == "noskip":
-        return m8(spec.inner, spec.outer, p, cfg, noctx["z"], ctx["z"], ctx["h"], None, method)
-    return m8(spec.inner, spec.outer, p, cfg, noctx["z"], ctx["z"], ctx["h"], ctx["z"] - noctx["z"], method)
+        return noctx["z"], ctx["z"], ctx["h"], None
+    return noctx["z"], ctx["z"], ctx["h"], ctx["z"] - noctx["z"]
 
 
 def layer_shapes(spec, cfg):
@@ -279,5 +286,6 @@ def layer_shapes(spec, cfg):
 
 
 __all__ = ["BlockSpec", "AttnValues", "KV", "MLPValues", "project_qkv", "attention_output", "attention_parts",
-           "mlp_input", "attention_values", "attend", "attention_values_many", "own_attention_values", "attn_sublayer", "mlp_values", "block_forward", "layer_patch", "layer_shapes",
+           "mlp_input", "attention_values", "attend", "attention_values_many", "own_attention_values",
+           "attn_sublayer", "mlp_values", "block_forward", "layer_patch", "theorem_inputs", "layer_shapes",
            "take_rows"]
