@@ -265,7 +265,7 @@ def _layer(model, l, runs, ctx, stream, patch_fn):
         groups.setdefault(r.method if r.method != "auto" else ("auto", i), []).append(i)
     # the theorem (M8) row-group-wise: the inner witness (M1, the same for every construction)
     # once for all rows, the outer witness per construction on its rows
-    z, z_ctx, h, delta = theorem_inputs(spec, lp, cfg, {"x": build, "a": at.a[:R], "z": at.z[:R]}, ctx_l)
+    z, z_ctx, h, delta = theorem_inputs(spec, lp, cfg, {"x": build, "a": at.a[:R, ...], "z": at.z[:R, ...]}, ctx_l)
     with _failing_row(l, pos, list(range(R))):
         inner = {} if z_ctx is None else spec.inner.witness(lp, z, z_ctx, cfg)
     sizes, parts, order = np.zeros(R), [], []

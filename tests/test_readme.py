@@ -224,3 +224,18 @@ def test_performance_numbers_are_the_committed_benchmarks():
     said = re.search(r"one experiment step at T = (\d+) costs ([0-9.]+)x less", " ".join(README.split()))
     assert said and int(said[1]) == c["experiment_step_s"]["length"]
     assert number_agrees(said[2], f"{c['experiment_step_s']['ratio']:.1f}")
+
+
+def test_gpu_numbers_are_the_committed_benchmark():
+    """The Backends section quotes figures/bench_gpu.json (benchmarks/bench_gpu.py on an H200)."""
+    g = json.loads((ROOT / "figures" / "bench_gpu.json").read_text(encoding="utf-8"))
+    s = {r["T"]: r for r in g["sizes"]}
+    text = " ".join(README[README.index("## Backends"):README.index("## Layout")].split())
+    gr = g["greedy_per_token_s"]
+    for want in ("python benchmarks/bench_gpu.py --json figures/bench_gpu.json", g["device"],
+                 f"4096 tokens takes {s[4096]['absorb_s']:.2f} s, against {s[4096]['forward_s']:.2f} s",
+                 f"to {s[4096]['rel_err']:.1e} (control {s[4096]['control']:.1f})",
+                 f"costs {gr['ratio']:.1f}x a plain one ({gr['absorbed'] * 1e3:.0f} ms against "
+                 f"{gr['plain'] * 1e3:.0f} ms)"):
+        assert want in text, want
+    assert all(r["rel_err"] <= 1e-4 < r["control"] for r in g["sizes"]) and s[4096]["absorb_s"] < 1.0
