@@ -22,7 +22,6 @@ Ratios, each measured in one run (best of ``--repeats`` interleaved rounds after
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 import tracemalloc
@@ -30,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from _timing import best_of  # benchmarks/_timing.py (the script's folder is on sys.path)
+from _timing import best_of, write_json  # benchmarks/_timing.py (the script's folder is on sys.path)
 
 import minipatch as mp
 from minipatch import finite
@@ -192,8 +191,7 @@ def main(argv=None):
         out["scaling"] = scaling(model, sizes, repeats=args.repeats)
         print(f"figure: {plot_scaling(out['scaling'], args.figure)}")
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(out, indent=1))
+        write_json(args.json, out)
     return 0
 
 

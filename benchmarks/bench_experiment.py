@@ -14,10 +14,8 @@ in closed loop) and both refuse M6b (no witness on this model).
 from __future__ import annotations
 
 import argparse
-import json
-from pathlib import Path
 
-from _timing import best_of
+from _timing import best_of, write_json  # benchmarks/_timing.py (the script's folder is on sys.path)
 from minipatch import load
 from minipatch.experiment import METHODS, ORDERS, PROMPTS, run_experiment
 from minipatch.io.gguf import gemma3_270m_path, read_gguf_metadata
@@ -51,9 +49,7 @@ def main(argv=None):
           f"single {best['single']:.1f} s, lockstep {best['lockstep']:.1f} s, "
           f"lockstep is {res['ratio']:.1f}x faster")
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(res, indent=1))
-        print(f"results: {args.json}")
+        write_json(args.json, res)
     return 0
 
 

@@ -14,31 +14,15 @@ warm-up, each timed call synchronised with the device. Peak GPU memory from CuPy
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-import time
-from pathlib import Path
 
 import numpy as np
 
 import minipatch as mp
+from _timing import best_of, write_json  # benchmarks/_timing.py (the script's folder is on sys.path)
 from minipatch.backend import to_numpy
 from minipatch.metrics import rel_err
 from minipatch.models import gemma3_270m_sized
-
-
-def best_of(fns, repeats, sync):
-    """Best wall time of each callable over ``repeats`` interleaved rounds after a warm-up."""
-    out = {k: fn() for k, fn in fns.items()}
-    sync()
-    best = {k: float("inf") for k in fns}
-    for _ in range(repeats):
-        for k, fn in fns.items():
-            t0 = time.perf_counter()
-            out[k] = fn()
-            sync()
-            best[k] = min(best[k], time.perf_counter() - t0)
-    return best, out
 
 
 def main(argv=None):
@@ -93,9 +77,7 @@ def main(argv=None):
     print(f"greedy after {len(prompt)} tokens, per token: plain {per['plain'] * 1e3:.1f} ms, absorbed "
           f"{per['absorbed'] * 1e3:.1f} ms ({per['absorbed'] / per['plain']:.2f}x)", flush=True)
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(out, indent=1))
-        print(f"results: {args.json}")
+        write_json(args.json, out)
     return 0
 
 
