@@ -6,7 +6,8 @@ patched step (:func:`~minipatch.absorb.patch_layers` for that token alone); the 
 earlier kept tokens never change (causality). With ``context='all_but_last'`` every earlier
 token is context and the patched model sees only the newest token.
 
-:func:`greedy` decodes with the context in the prompt or absorbed, every path KV-cached.
+:func:`greedy` decodes with the context in the prompt or absorbed, every path KV-cached;
+:func:`step_many` steps several sequences, one token each, in one batch.
 """
 from __future__ import annotations
 
@@ -16,10 +17,12 @@ import numpy as np
 
 from .absorb import VALUES, _check_args, _origin, patch_layers
 from .backend import device, to_numpy
+from .blocks import attention_values_many, mlp_values
 from .controllability import take_rows
-from .errors import InputError
+from .errors import InputError, NonFiniteError
+from .finite import all_finite, check_values, first_row
 from .cache import Cache
-from .patches import Patches, concat_patches
+from .patches import Patches, concat_patches, norm
 from .validate import check_count, check_tokens, split_context
 
 
@@ -190,3 +193,42 @@ def greedy(model, tokens, n_new, context=None, method="auto", callback=None, win
         if step + 1 < n_new:
             logits, state = advance(state, nxt)
     return np.asarray(out, dtype=np.int64), np.stack(rows)
+
+
+def step_many(model, caches, tokens):
+    """:meth:`~minipatch.model.Model.step` (unpatched, ``head=False``) for S sequences at once,
+    one new token each: the same values, with every weight read once for all S rows.
+
+    Returns:
+      (final normed hidden [S, D], the S extended caches, embeddings [S, D], per layer the
+      values x, a, z, h, out [S, ...]).
+    """
+    xp, spec, cfg = model.xp, model.spec, model.cfg
+    pos_host = np.asarray([c.last + 1 for c in caches], np.int64)
+    for i, c in enumerate(caches):        # each row is checked as Model.step checks it
+        model._inputs(tokens[i:i + 1], pos_host[i:i + 1])
+    dev = device(model.params["embed.weight"])
+    tok, pos = xp.asarray(np.asarray(tokens, np.int64), device=dev), xp.asarray(pos_host, device=dev)
+    by_index = caches[0].window_by == "index"
+    index = xp.asarray([c.n for c in caches], device=device(pos)) if by_index else None
+    x = embed = model.embed(tok, pos)
+    layers, kvs = [], []
+    for l, lp in enumerate(model.params["layers"]):
+        at = attention_values_many(spec, lp, x, cfg, l, pos, [c.past(l) for c in caches], index)
+        ml = mlp_values(spec, lp, x, at.z, at.a, cfg)
+        vals = dict(x=x, a=at.a, z=at.z, h=ml.h, d=ml.d, m=ml.m, out=ml.out)
+        if not all_finite(ml.out):
+            check_values(vals, l, pos_host)
+        layers.append({k: vals[k] for k in VALUES})
+        kvs.append((at.k, at.v))
+        x = ml.out
+    xf = norm(model.params, "final_norm", x, cfg)
+    if not all_finite(xf):
+        raise NonFiniteError("final norm output", position=int(pos_host[first_row(xf)]),
+                             hint="check final_norm.weight")
+    new = []
+    for i, c in enumerate(caches):
+        one = xp.asarray([i], device=device(x))
+        new.append(c.extend([(take_rows(k, one), take_rows(v, one)) for k, v in kvs], pos[i:i + 1],
+                            pos_host[i:i + 1]))
+    return xf, new, embed, layers

@@ -29,17 +29,15 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .absorb import ORDERS, VALUES
 from .backend import device, namespace, to_numpy
-from .blocks import attention_values_many, mlp_values, own_attention_values, theorem_inputs
-from .absorb import ORDERS
+from .blocks import mlp_values, own_attention_values, theorem_inputs
 from .controllability import check_method, take_rows
+from .decode import step_many
 from .errors import InputError, MinipatchError, NonFiniteError, NotControllableError
 from .finite import all_finite, check_patch_finite, check_values, first_row, quiet
 from .patches import Scale, norm, stack_patches, take_layer_rows
 from .validate import check_choice, check_count, check_tokens
-
-VALUES = ("x", "a", "z", "h", "out")     # the with-context values a layer patch reads
-
 
 @dataclass
 class Run:
@@ -91,7 +89,7 @@ def lockstep_greedy(model, prompts, n_new, methods, orders=("closed",), patch_fn
         raise InputError("lockstep_greedy needs at least one prompt")
     refs = [dict(seq=[int(t) for t in tk], ids=[], scale=[]) for tk in toks]
     runs = [Run(k, m, o, seq=list(refs[k]["seq"])) for k in range(len(toks)) for o in orders for m in methods]
-    memo = {}
+    memo, xp = {}, model.xp
     for step in range(n_new):
         memo = _ctx_steps(model, [r["seq"] for r in refs] + [r.seq for r in runs if r.error is None], memo)
         alive = [r for r in runs if r.error is None]
@@ -99,7 +97,6 @@ def lockstep_greedy(model, prompts, n_new, methods, orders=("closed",), patch_fn
             rows, keep, largest = _patched_rows(model, alive, memo, patch_fn)
         alive = [alive[i] for i in keep]
         xf = [memo[tuple(r["seq"])]["final"] for r in refs]
-        xp = model.xp
         logits = to_numpy(model.logits(xp.concat(xf + ([rows] if alive else []), axis=0))).astype(np.float64)
         ref_rows = logits[:len(refs)]
         for k, r in enumerate(refs):
@@ -123,8 +120,8 @@ def lockstep_greedy(model, prompts, n_new, methods, orders=("closed",), patch_fn
 
 def _ctx_steps(model, seqs, before):
     """The with-context values at the last token of every distinct sequence: one batched
-    cached step (:func:`step_many`) from the prefixes' entries in ``before``; a prefill for a
-    bare prompt."""
+    cached step (:func:`~minipatch.decode.step_many`) from the prefixes' entries in
+    ``before``; a prefill for a bare prompt."""
     xp = model.xp
     out, todo = {}, {}
     for s in seqs:
@@ -136,58 +133,22 @@ def _ctx_steps(model, seqs, before):
             continue
         trace = {}
         xf, cache = model.prefill(np.asarray(s, np.int64), trace=trace, head=False)
-        last = xp.asarray([len(s) - 1], device=device(xf))
-        out[key] = dict(cache=cache, final=xp.reshape(xf, (1, -1)), embed=take_rows(trace["embed"], last),
-                        layers=[{k: take_rows(tr[k], last) for k in VALUES} for tr in trace["layers"]],
-                        position=len(s) - 1)
+        out[key] = _entry(xp, cache, xp.reshape(xf, (1, -1)), trace["embed"], trace["layers"], len(s) - 1, key)
     if todo:
         keys = list(todo)
         xf, caches, embed, layers = step_many(model, [todo[k] for k in keys], [k[-1] for k in keys])
         for i, key in enumerate(keys):
-            one = xp.asarray([i], device=device(xf))
-            out[key] = dict(cache=caches[i], final=take_rows(xf, one), embed=take_rows(embed, one),
-                            layers=[{k: take_rows(v, one) for k, v in lay.items()} for lay in layers],
-                            position=len(key) - 1)
+            final = take_rows(xf, xp.asarray([i], device=device(xf)))
+            out[key] = _entry(xp, caches[i], final, embed, layers, i, key)
     return out
 
 
-def step_many(model, caches, tokens):
-    """:meth:`~minipatch.model.Model.step` (unpatched, ``head=False``) for S sequences at once,
-    one new token each: the same values, with every weight read once for all S rows.
-
-    Returns:
-      (final normed hidden [S, D], the S extended caches, embeddings [S, D], per layer the
-      values x, a, z, h, out [S, ...]).
-    """
-    xp, spec, cfg = model.xp, model.spec, model.cfg
-    pos_host = np.asarray([c.last + 1 for c in caches], np.int64)
-    for i, c in enumerate(caches):        # each row is checked as Model.step checks it
-        model._inputs(tokens[i:i + 1], pos_host[i:i + 1])
-    dev = device(model.params["embed.weight"])
-    tok, pos = xp.asarray(np.asarray(tokens, np.int64), device=dev), xp.asarray(pos_host, device=dev)
-    by_index = caches[0].window_by == "index"
-    index = xp.asarray([c.n for c in caches], device=device(pos)) if by_index else None
-    x = embed = model.embed(tok, pos)
-    layers, kvs = [], []
-    for l, lp in enumerate(model.params["layers"]):
-        at = attention_values_many(spec, lp, x, cfg, l, pos, [c.past(l) for c in caches], index)
-        ml = mlp_values(spec, lp, x, at.z, at.a, cfg)
-        vals = dict(x=x, a=at.a, z=at.z, h=ml.h, d=ml.d, m=ml.m, out=ml.out)
-        if not all_finite(ml.out):
-            check_values(vals, l, pos_host)
-        layers.append({k: vals[k] for k in VALUES})
-        kvs.append((at.k, at.v))
-        x = ml.out
-    xf = norm(model.params, "final_norm", x, cfg)
-    if not all_finite(xf):
-        raise NonFiniteError("final norm output", position=int(pos_host[first_row(xf)]),
-                             hint="check final_norm.weight")
-    new = []
-    for i, c in enumerate(caches):
-        one = xp.asarray([i], device=device(x))
-        new.append(c.extend([(take_rows(k, one), take_rows(v, one)) for k, v in kvs], pos[i:i + 1],
-                            pos_host[i:i + 1]))
-    return xf, new, embed, layers
+def _entry(xp, cache, final, embed, layers, row, key):
+    """A memo entry: the sequence's cache, and its final hidden [1, D], embedding and layer
+    values at its last token (row ``row`` of ``embed`` and ``layers``)."""
+    one = xp.asarray([row], device=device(embed))
+    return dict(cache=cache, final=final, embed=take_rows(embed, one),
+                layers=[{k: take_rows(lay[k], one) for k in VALUES} for lay in layers], position=len(key) - 1)
 
 
 def _cat(parts):
@@ -210,30 +171,29 @@ def _patched_rows(model, alive, memo, patch_fn):
     ctx = [memo[tuple(r.seq)] for r in alive]
     stream = _cat([c["embed"] for c in ctx]) if keep else None
     largest = np.zeros(len(alive))
+
+    def drop(j, error, rows):
+        """Run keep[j] stops with ``error``; ``rows`` ([R, ...]) without its row."""
+        nonlocal keep
+        alive[keep[j]].error = f"{type(error).__name__}: {error}"
+        rest = [i for i in range(len(keep)) if i != j]
+        keep = [keep[i] for i in rest]
+        return take_rows(rows, xp.asarray(rest, device=device(rows))) if keep else None
+
     l = 0
     while keep and l < cfg.n_layers:
         try:
             stream, sizes = _layer(model, l, [alive[i] for i in keep], [ctx[i] for i in keep], stream, patch_fn)
         except _RowFailed as f:
-            alive[keep[f.row]].error = f"{type(f.error).__name__}: {f.error}"
-            rest = [j for j in range(len(keep)) if j != f.row]
-            keep = [keep[j] for j in rest]
-            stream = take_rows(stream, xp.asarray(rest, device=device(stream))) if keep else None
+            stream = drop(f.row, f.error, stream)
             continue
         largest[keep] = np.maximum(largest[keep], sizes)
         l += 1
-    if not keep:
-        return None, keep, largest[keep]
-    xf = norm(model.params, "final_norm", stream, cfg)
-    while not all_finite(xf):
+    xf = norm(model.params, "final_norm", stream, cfg) if keep else None
+    while keep and not all_finite(xf):
         bad = first_row(xf)
-        err = NonFiniteError("final norm output", position=ctx[keep[bad]]["position"], hint="check final_norm.weight")
-        alive[keep[bad]].error = f"{type(err).__name__}: {err}"
-        rest = [j for j in range(len(keep)) if j != bad]
-        keep = [keep[j] for j in rest]
-        if not keep:
-            return None, keep, largest[keep]
-        xf = take_rows(xf, xp.asarray(rest, device=device(xf)))
+        xf = drop(bad, NonFiniteError("final norm output", position=ctx[keep[bad]]["position"],
+                                      hint="check final_norm.weight"), xf)
     return xf, keep, largest[keep]
 
 

@@ -15,12 +15,12 @@ import numpy as np
 import pytest
 
 from helpers import CONTROL_MIN, TOL32, TOL64_BLOCK, TOL64_MODEL, rel_err
-from minipatch.decode import greedy
+from minipatch.decode import greedy, step_many
 from minipatch.blocks import attention_values, own_attention_values
 from minipatch.config import FAMILIES
 from minipatch.errors import MinipatchError
 from minipatch.experiment import patched_greedy, round_layer
-from minipatch.lockstep import lockstep_greedy, step_many
+from minipatch.lockstep import lockstep_greedy
 from minipatch.models import tiny
 from minipatch.patches import Rank1, Scale, stack_patches
 
